@@ -1,0 +1,16 @@
+"""DeepSeek-V2 (MLA + DeepSeekMoE) in plain PyTorch, weight-compatible with Hugging Face checkpoints."""
+
+from .cache import CacheBatch, LatentCache
+from .config import DeepseekV2Config
+from .moe import ExpertBackend, LocalExperts
+from .transformer import CausalLMOutput, DeepseekV2ForCausalLM
+
+__all__ = [
+    "CacheBatch",
+    "CausalLMOutput",
+    "DeepseekV2Config",
+    "DeepseekV2ForCausalLM",
+    "ExpertBackend",
+    "LatentCache",
+    "LocalExperts",
+]

@@ -1,0 +1,114 @@
+"""The latent KV cache: only the normalised c_KV and the roped shared key k_R, in fixed-size blocks.
+
+Blocks are the unit other code owns: a sequence is a list of block ids (its block table), so a cache
+manager can share, copy, ship or offload blocks without knowing anything about attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import DeepseekV2Config
+
+
+@dataclass
+class CacheBatch:
+    """Where one forward's new tokens go, and which cached tokens they attend to.
+
+    Cached token j of sequence b lives at offset j of the concatenation of its blocks; a new token at
+    position p is written at offset p and sees offsets 0..p.
+    """
+
+    block_tables: Tensor  # [B, max_blocks] int64
+    positions: Tensor  # [B, S] int64
+    _contiguous: bool | None = field(default=None, repr=False)
+
+    def slots(self, block_size: int) -> Tensor:
+        """Flat slot index of every new token in a layer's pool: [B, S]."""
+        blocks = self.block_tables.gather(1, self.positions // block_size)
+        return blocks * block_size + self.positions % block_size
+
+    @property
+    def context_len(self) -> int:
+        """Keys to read per sequence (the longest sequence's length after this forward)."""
+        return int(self.positions.max()) + 1
+
+    def attention_mask(self) -> Tensor:
+        """[B, S, T] bool: new token at position p sees cached offsets 0..p."""
+        keys = torch.arange(self.context_len, device=self.positions.device)
+        return keys[None, None, :] <= self.positions[:, :, None]
+
+    def is_contiguous(self, num_blocks: int) -> bool:
+        """True when sequence b owns blocks [b·n, (b+1)·n): its context is then a view, not a gather."""
+        if self._contiguous is None:
+            batch, width = self.block_tables.shape
+            expected = torch.arange(batch * width, device=self.block_tables.device).view(batch, width)
+            self._contiguous = batch * width == num_blocks and torch.equal(self.block_tables, expected)
+        return self._contiguous
+
+
+class LatentCache:
+    """Per layer a pool of blocks [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+
+    def __init__(
+        self,
+        config: DeepseekV2Config,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_lora_rank = config.kv_lora_rank
+        # [layers, num_blocks, block_size, d_c + d_R]: one tensor, so a block's every layer moves at once.
+        self.pools = torch.zeros(
+            config.num_hidden_layers, num_blocks, block_size, config.latent_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_token(config: DeepseekV2Config, dtype: torch.dtype = torch.float32) -> int:
+        return config.latent_dim * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.pools.numel() * self.pools.element_size()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @classmethod
+    def for_batch(
+        cls, config: DeepseekV2Config, batch: int, max_tokens: int, block_size: int = 16, **kwargs
+    ) -> tuple["LatentCache", Tensor]:
+        """A cache where sequence b owns the contiguous blocks [b·n, (b+1)·n), and its block tables."""
+        width = -(-max_tokens // block_size)
+        cache = cls(config, batch * width, block_size, **kwargs)
+        return cache, torch.arange(batch * width, device=cache.pools.device).view(batch, width)
+
+    def write(self, layer: int, batch: CacheBatch, c_kv: Tensor, k_rope: Tensor) -> None:
+        """c_kv [B, S, d_c] (normalised), k_rope [B, S, d_R] (roped) into the new tokens' slots."""
+        pool = self.pools[layer].view(-1, self.pools.shape[-1])
+        latent = torch.cat((c_kv, k_rope), dim=-1).to(pool.dtype)
+        pool.index_copy_(0, batch.slots(self.block_size).flatten(), latent.flatten(0, 1))
+
+    def read(self, layer: int, batch: CacheBatch) -> Tensor:
+        """The context of every sequence: [B, T, d_c + d_R], T = batch.context_len."""
+        length = batch.context_len
+        width = -(-length // self.block_size)
+        pool = self.pools[layer]
+        if batch.is_contiguous(self.num_blocks):
+            return pool.view(batch.block_tables.shape[0], -1, pool.shape[-1])[:, :length]
+        blocks = pool[batch.block_tables[:, :width]]  # [B, width, block_size, D]
+        return blocks.flatten(1, 2)[:, :length]
+
+    def export_blocks(self, block_ids: Tensor) -> Tensor:
+        """[layers, n, block_size, D]: the blocks' contents, for copy-on-write, offload or shipping."""
+        return self.pools[:, block_ids].clone()
+
+    def import_blocks(self, block_ids: Tensor, data: Tensor) -> None:
+        self.pools[:, block_ids] = data.to(self.pools.dtype)

@@ -1,0 +1,112 @@
+"""Multi-head Latent Attention (SPEC §1).
+
+Two ways to attend, same result:
+- expanded: K and V are re-expanded from the latent with kv_b_proj (training, prefill);
+- absorbed: W_UK is folded into the query and W_UV applied after attention, so attention runs as MQA
+  with one 576-wide KV head straight over the latent cache (decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import CacheBatch, LatentCache
+from .config import DeepseekV2Config
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs for one forward; built once by the model."""
+
+    cos: Tensor  # [B, S, d_R/2]
+    sin: Tensor  # [B, S, d_R/2]
+    cache: LatentCache | None = None
+    cache_batch: CacheBatch | None = None
+    mask: Tensor | None = None  # [B, S, T] bool; None = causal over the new tokens only
+    absorb: bool = False
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        d, qk_dim = config.hidden_size, config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=False)
+
+    def _queries(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, self.nope_dim + self.rope_dim))  # [B, S, H, d_h + d_R]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, inputs.cos, inputs.sin)
+
+    def _latent(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_rope, inputs.cos, inputs.sin)  # [B,S,d_c], [B,S,d_R]
+
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
+        q_nope, q_rope = self._queries(x, inputs)
+        c_kv, k_rope = self._latent(x, inputs)
+        if inputs.cache is None:
+            latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_R]
+        else:
+            inputs.cache.write(self.layer_idx, inputs.cache_batch, c_kv, k_rope)
+            latent = inputs.cache.read(self.layer_idx, inputs.cache_batch)  # [B, T, d_c + d_R]
+        attend = self._absorbed if inputs.absorb else self._expanded
+        out = attend(q_nope, q_rope, latent, inputs.mask)
+        return self.o_proj(out.flatten(-2))  # [B, S, H·d_v] -> [B, S, d]
+
+    def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [B, T, H, d_h + d_v]
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2),  # [B, H, S, d_h + d_R]
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+        )
+        return out.transpose(1, 2)  # [B, S, H, d_v]
+
+    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # [H, d_h, d_c], [H, d_v, d_c]
+        q_absorbed = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, d_c]
+        batch, seq = q_absorbed.shape[:2]
+        query = torch.cat((q_absorbed, q_rope), dim=-1).flatten(1, 2)  # [B, S·H, d_c + d_R]: MQA, one KV head
+        key, value = latent, latent[..., : self.kv_lora_rank]  # [B, T, d_c + d_R], [B, T, d_c]
+        if mask is None:
+            mask = torch.ones(seq, key.shape[1], dtype=torch.bool, device=key.device).tril()[None]
+        mask = mask[:, :, None, :].expand(-1, -1, self.n_heads, -1).flatten(1, 2)  # [B, S·H, T]
+        latent_out = F.scaled_dot_product_attention(
+            query[:, None], key[:, None], value[:, None], attn_mask=mask[:, None], scale=self.softmax_scale
+        )[:, 0]  # [B, S·H, d_c]
+        latent_out = latent_out.view(batch, seq, self.n_heads, self.kv_lora_rank)
+        return torch.einsum("bshc,hvc->bshv", latent_out, w_uv)  # [B, S, H, d_v]

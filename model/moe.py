@@ -1,0 +1,273 @@
+"""DeepSeekMoE (SPEC §2): gate, balance losses, token dropping, SwiGLU experts, and the MoE layer.
+
+The routed experts sit behind an `ExpertBackend`: the layer hands it the tokens grouped by expert and
+gets their outputs back in the same order, and in training it hands back the outputs' gradients. The
+in-process backend (`LocalExperts`) and the Ray expert actors run the same code on their own slice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DeepseekV2Config
+
+
+class MLP(nn.Module):
+    """SwiGLU: the dense FFN, one routed expert, or the merged shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_experts(config: DeepseekV2Config, expert_ids: list[int]) -> nn.ModuleDict:
+    """Routed experts keyed by their global id, so state_dict names match the checkpoint's."""
+    return nn.ModuleDict({str(e): MLP(config.hidden_size, config.moe_intermediate_size) for e in expert_ids})
+
+
+# ---- routing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    scores: Tensor  # [N, E] fp32 softmax over all routed experts
+    expert_ids: Tensor  # [N, K] chosen experts
+    weights: Tensor  # [N, K] fp32 combine weights (normalised or scaled as the config says)
+
+
+class MoEGate(nn.Module):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.group_limited = config.group_limited
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x [N, d] -> Routing."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E] fp32
+        candidates = scores
+        if self.group_limited:
+            group_scores = scores.unflatten(-1, (self.n_group, -1)).amax(dim=-1)  # [N, G]
+            groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+            expert_mask = group_mask.repeat_interleave(self.n_experts // self.n_group, dim=-1)
+            candidates = scores.masked_fill(~expert_mask, 0.0)
+        weights, expert_ids = candidates.topk(self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:  # the remote code's semantics (transformers ignores the flag)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.routed_scaling_factor
+        return Routing(scores, expert_ids, weights)
+
+
+# ---- balance losses (SPEC §2.3) -------------------------------------------------------------------
+
+
+@dataclass
+class BalanceLosses:
+    """Unweighted Σ f·P terms of one MoE layer, averaged over sequences; multiply by α1, α2, α3."""
+
+    expert: Tensor
+    device: Tensor
+    comm: Tensor
+
+
+def balance_losses(scores: Tensor, expert_ids: Tensor, n_devices: int, devices_per_token: int) -> BalanceLosses:
+    """scores [B, S, E], expert_ids [B, S, K]; a device is a contiguous group of E / n_devices experts."""
+    n_experts, top_k, seq = scores.shape[-1], expert_ids.shape[-1], scores.shape[1]
+    selected = torch.zeros_like(scores).scatter_(-1, expert_ids, 1.0)  # [B, S, E]
+    f = selected.sum(dim=1) * (n_experts / (top_k * seq))  # [B, E]
+    p = scores.mean(dim=1)  # [B, E]
+    f_device = f.unflatten(-1, (n_devices, -1)).mean(dim=-1)  # [B, D]
+    p_device = p.unflatten(-1, (n_devices, -1)).sum(dim=-1)  # [B, D]
+    sent = selected.unflatten(-1, (n_devices, -1)).amax(dim=-1)  # [B, S, D]: token t reaches device d
+    f_comm = sent.sum(dim=1) * (n_devices / (devices_per_token * seq))  # [B, D]
+    return BalanceLosses(
+        expert=(f * p).sum(-1).mean(),
+        device=(f_device * p_device).sum(-1).mean(),
+        comm=(f_comm * p_device).sum(-1).mean(),
+    )
+
+
+def capacity_mask(
+    affinity: Tensor, expert_ids: Tensor, n_experts: int, n_devices: int, capacity_factor: float, exempt: Tensor
+) -> Tensor:
+    """Device-level token dropping (SPEC §2.4): [N, K] bool of the assignments kept.
+
+    Each device takes at most ceil(capacity_factor · N·K / n_devices) assignments: those of exempt
+    tokens first, then the highest-affinity ones. affinity [N, K]; exempt [N] bool.
+    """
+    n_assignments = expert_ids.numel()
+    capacity = math.ceil(capacity_factor * n_assignments / n_devices)
+    device = (expert_ids // (n_experts // n_devices)).flatten()
+    priority = affinity.flatten().float() + exempt[:, None].expand_as(expert_ids).flatten() * 2.0  # scores ≤ 1
+    kept = torch.zeros(n_assignments, dtype=torch.bool, device=expert_ids.device)
+    for d in range(n_devices):
+        on_device = (device == d).nonzero().squeeze(-1)
+        best = priority[on_device].topk(min(capacity, on_device.numel())).indices
+        kept[on_device[best]] = True
+    kept |= exempt[:, None].expand_as(expert_ids).flatten()
+    return kept.view_as(expert_ids)
+
+
+# ---- the expert backend ---------------------------------------------------------------------------
+
+
+class ExpertBackend(ABC):
+    """Runs the routed experts of every MoE layer for tokens grouped by expert.
+
+    `forward` receives tokens [N, d] where the first counts[0] rows go to expert 0, the next counts[1]
+    to expert 1, and so on over all routed experts; it returns the outputs in the same order. With
+    `keep_for_backward` it keeps what the backward needs under the returned handle; `backward` takes the
+    outputs' gradient, accumulates the experts' parameter gradients and returns the tokens' gradient.
+    """
+
+    @abstractmethod
+    def forward(self, layer: int, tokens: Tensor, counts: list[int], keep_for_backward: bool) -> tuple[Tensor, int]:
+        ...
+
+    @abstractmethod
+    def backward(self, layer: int, handle: int, grad_outputs: Tensor) -> Tensor:
+        ...
+
+
+class LocalExperts(ExpertBackend):
+    """Experts in this process: the model's own, or one expert actor's slice (expert ids are global)."""
+
+    def __init__(self, experts: dict[int, nn.ModuleDict]):
+        self.experts = experts  # layer -> {str(expert id): MLP}
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}
+        self._handles = itertools.count()
+
+    def run(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
+        experts = self.experts[layer]
+        outputs = [experts[str(e)](chunk) for e, chunk in enumerate(tokens.split(counts)) if len(chunk)]
+        return torch.cat(outputs) if outputs else tokens
+
+    def forward(self, layer: int, tokens: Tensor, counts: list[int], keep_for_backward: bool) -> tuple[Tensor, int]:
+        handle = next(self._handles)
+        if not keep_for_backward:
+            with torch.no_grad():
+                return self.run(layer, tokens, counts), handle
+        with torch.enable_grad():
+            inputs = tokens.detach().requires_grad_()
+            outputs = self.run(layer, inputs, counts)
+        self._saved[handle] = (inputs, outputs)
+        return outputs.detach(), handle
+
+    def backward(self, layer: int, handle: int, grad_outputs: Tensor) -> Tensor:
+        inputs, outputs = self._saved.pop(handle)
+        if outputs.requires_grad:
+            outputs.backward(grad_outputs)
+        return inputs.grad if inputs.grad is not None else torch.zeros_like(inputs)
+
+    @property
+    def pending_backwards(self) -> int:
+        return len(self._saved)
+
+
+class _ThroughBackend(torch.autograd.Function):
+    """Makes a backend's forward/backward one autograd node, whichever process the experts live in."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, backend: ExpertBackend, layer: int, counts: list[int]) -> Tensor:
+        outputs, ctx.handle = backend.forward(layer, tokens, counts, keep_for_backward=True)
+        ctx.backend, ctx.layer = backend, layer
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs: Tensor):
+        grad_tokens = ctx.backend.backward(ctx.layer, ctx.handle, grad_outputs.contiguous())
+        return grad_tokens, None, None, None
+
+
+def run_experts(backend: ExpertBackend, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        return _ThroughBackend.apply(tokens, backend, layer, counts)
+    return backend.forward(layer, tokens, counts, keep_for_backward=False)[0]
+
+
+# ---- the MoE layer --------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEOutput:
+    hidden: Tensor  # [B, S, d]: routed + shared experts (the residual is the decoder's)
+    tokens_per_expert: Tensor  # [E] assignments actually dispatched
+    balance: BalanceLosses | None = None  # training only
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int, expert_ids: list[int] | None = None):
+        """expert_ids: which routed experts this process holds (default all; [] when they are remote)."""
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_experts = config.n_routed_experts
+        self.n_devices, self.devices_per_token = config.n_group, config.topk_group
+        self.capacity_factor, self.drop_exempt_fraction = config.capacity_factor, config.drop_exempt_fraction
+        self.gate = MoEGate(config)
+        self.experts = make_experts(config, list(range(self.n_experts)) if expert_ids is None else expert_ids)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.backend: ExpertBackend | None = None  # set by the model: LocalExperts or a remote dispatcher
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        batch, seq, d = x.shape
+        flat = x.reshape(-1, d)
+        routing = self.gate(flat)
+        balance = None
+        kept = None
+        if self.training:
+            balance = balance_losses(
+                routing.scores.view(batch, seq, -1),
+                routing.expert_ids.view(batch, seq, -1),
+                self.n_devices,
+                self.devices_per_token,
+            )
+            if self.capacity_factor is not None:
+                exempt = (torch.rand(batch) < self.drop_exempt_fraction).to(x.device).repeat_interleave(seq)
+                affinity = routing.scores.gather(1, routing.expert_ids)
+                kept = capacity_mask(
+                    affinity, routing.expert_ids, self.n_experts, self.n_devices, self.capacity_factor, exempt
+                )
+        routed, tokens_per_expert = self.dispatch(flat, routing, kept)
+        hidden = routed.view(batch, seq, d)
+        if self.shared_experts is not None:
+            hidden = hidden + self.shared_experts(x)
+        return MoEOutput(hidden, tokens_per_expert, balance)
+
+    def dispatch(self, x: Tensor, routing: Routing, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Group token copies by expert, run them through the backend, combine with the gate weights."""
+        top_k = routing.expert_ids.shape[1]
+        expert_of = routing.expert_ids.flatten()  # [N·K]
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
+        weight_of = routing.weights.flatten()
+        if kept is not None:
+            keep = kept.flatten()
+            expert_of, token_of, weight_of = expert_of[keep], token_of[keep], weight_of[keep]
+        order = expert_of.argsort(stable=True)
+        token_of, weight_of = token_of[order], weight_of[order]
+        tokens_per_expert = torch.bincount(expert_of, minlength=self.n_experts)
+        outputs = run_experts(self.backend, self.layer_idx, x[token_of], tokens_per_expert.tolist())
+        combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        combined = combined.index_add(0, token_of, outputs.float() * weight_of[:, None])
+        return combined.to(x.dtype), tokens_per_expert

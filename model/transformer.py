@@ -1,0 +1,170 @@
+"""Decoder layer, DeepseekV2Model and DeepseekV2ForCausalLM, with Hugging Face module names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .cache import CacheBatch, LatentCache
+from .config import DeepseekV2Config
+from .generate import generate
+from .mla import AttentionInputs, MultiHeadLatentAttention
+from .moe import MLP, DeepseekMoE, ExpertBackend, LocalExperts, MoEOutput
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int, expert_ids: list[int] | None):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.mlp: nn.Module = (
+            DeepseekMoE(config, layer_idx, expert_ids)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, MoEOutput | None]:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
+        ffn = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(ffn, MoEOutput):
+            return x + ffn.hidden, ffn
+        return x + ffn, None
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: DeepseekV2Config, expert_ids: list[int] | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, layer_idx, expert_ids) for layer_idx in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # [B, S, vocab]
+    balance_losses: dict[str, Tensor] = field(default_factory=dict)  # α-weighted, summed over MoE layers
+    tokens_per_expert: dict[int, Tensor] = field(default_factory=dict)  # MoE layer -> [E]
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    def __init__(self, config: DeepseekV2Config, expert_ids: list[int] | None = None):
+        """expert_ids: the routed experts held in this process (default all; [] when they are remote)."""
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config, expert_ids)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_expert_backend(LocalExperts({layer: moe.experts for layer, moe in self.moe_layers().items()}))
+
+    def moe_layers(self) -> dict[int, DeepseekMoE]:
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, DeepseekMoE)}
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        for moe in self.moe_layers().values():
+            moe.backend = backend
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "DeepseekV2ForCausalLM":
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, param in self.named_parameters():
+            if param.dim() == 1:  # RMSNorm scales
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+        return self
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: LatentCache | None = None,
+        cache_batch: CacheBatch | None = None,
+        absorb: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids [B, S]. With a cache, cache_batch says where the tokens go and what they see;
+        absorb defaults to the weight-absorbed path for single-token decode steps."""
+        batch, seq = input_ids.shape
+        if cache is not None:
+            positions = cache_batch.positions
+        elif positions is None:
+            positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        cos, sin = self.model.rotary_emb(positions)
+        inputs = AttentionInputs(
+            cos=cos,
+            sin=sin,
+            cache=cache,
+            cache_batch=cache_batch,
+            mask=None if cache is None else cache_batch.attention_mask(),
+            absorb=(cache is not None and seq == 1) if absorb is None else absorb,
+        )
+        x = self.model.embed_tokens(input_ids)
+        moe_outputs: dict[int, MoEOutput] = {}
+        for layer_idx, layer in enumerate(self.model.layers):
+            x, moe = layer(x, inputs)
+            if moe is not None:
+                moe_outputs[layer_idx] = moe
+        logits = self.lm_head(self.model.norm(x))
+        return CausalLMOutput(
+            logits=logits,
+            balance_losses=self._weighted_balance_losses(moe_outputs),
+            tokens_per_expert={i: moe.tokens_per_expert for i, moe in moe_outputs.items()},
+        )
+
+    def _weighted_balance_losses(self, moe_outputs: dict[int, MoEOutput]) -> dict[str, Tensor]:
+        balances = [moe.balance for moe in moe_outputs.values() if moe.balance is not None]
+        if not balances:
+            return {}
+        alphas = {
+            "expert": self.config.aux_loss_alpha,
+            "device": self.config.device_aux_loss_alpha,
+            "comm": self.config.comm_aux_loss_alpha,
+        }
+        return {name: alpha * sum(getattr(b, name) for b in balances) for name, alpha in alphas.items()}
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        expert_ids: list[int] | None = None,
+    ) -> "DeepseekV2ForCausalLM":
+        """Load a Hugging Face DeepSeek-V2 folder, reading only the tensors this process holds."""
+        config = DeepseekV2Config.from_pretrained(directory)
+        if dtype == "auto":
+            dtype = getattr(torch, config.torch_dtype or "float32")
+        with torch.device("meta"):
+            model = cls(config, expert_ids)
+        wanted = set(model.state_dict())
+        tensors = checkpoint.load_tensors(directory, wanted, dtype=dtype, device=device)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.model.rotary_emb = RotaryEmbedding(config).to(device)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+        dtype = next(self.parameters()).dtype
+        config = self.config.model_copy(update={"torch_dtype": str(dtype).removeprefix("torch.")})
+        config.save_pretrained(directory)
+        tensors = {name: t for name, t in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        checkpoint.save_tensors(directory, tensors, max_shard_bytes=max_shard_bytes)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+        return generate(self, prompts, max_new_tokens, **sampling)
