@@ -1,0 +1,119 @@
+"""The `moeray` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CliError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CliError("--prompt-ids is empty")
+    return ids
+
+
+def _model_dir(path: str) -> Path:
+    directory = Path(path)
+    if not (directory / "config.json").exists():
+        raise CliError(f"{directory} is not a model folder (no config.json)")
+    return directory
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from model import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config.preset(args.preset)
+    DeepseekV2ForCausalLM(config).init_weights(seed=args.seed).save_pretrained(args.out)
+    print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from model import DeepseekV2ForCausalLM
+    from model.tokenizer import load_tokenizer
+
+    directory = _model_dir(args.model)
+    tokenizer = load_tokenizer(directory)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise CliError(f"{directory} has no tokenizer.json; pass --prompt-ids instead of --prompt")
+        prompt_ids = tokenizer.encode(args.prompt).ids
+    else:
+        prompt_ids = _parse_ids(args.prompt_ids)
+    if args.max_tokens < 1:
+        raise CliError("--max-tokens must be at least 1")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model = DeepseekV2ForCausalLM.from_pretrained(directory)
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise CliError(f"prompt token ids must be in [0, {vocab})")
+    stats: dict = {}
+    if args.expert_actors == 0:
+        token_ids = model.generate([prompt_ids], args.max_tokens, eos_token_id=args.eos_token_id, **sampling)[0]
+    else:
+        from cluster.graph import run_generate
+
+        token_ids, stats = run_generate(
+            directory, prompt_ids, args.max_tokens, args.expert_actors, args.transport, args.eos_token_id, sampling
+        )
+    result = {"token_ids": token_ids, "expert_actors": args.expert_actors, **stats}
+    if tokenizer is not None:
+        result["text"] = tokenizer.decode(token_ids)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result.get("text", " ".join(map(str, token_ids))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeray", description="DeepSeek-V2 MoE serving and training on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="write a randomly initialised model folder")
+    init.add_argument("--preset", default="tiny", choices=["tiny"])
+    init.add_argument("--out", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_init)
+
+    gen = sub.add_parser("generate", help="generate tokens from a model folder")
+    gen.add_argument("--model", required=True)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids")
+    prompt.add_argument("--prompt", help="text (needs tokenizer.json in the model folder)")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--expert-actors", type=int, default=0, help="0 = one process, no Ray")
+    gen.add_argument("--transport", choices=["objectstore", "compiled"], default="objectstore")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--eos-token-id", type=int, default=None)
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        args.func(args)
+    except CliError as error:
+        print(f"moeray: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
