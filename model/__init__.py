@@ -2,7 +2,7 @@
 
 from .cache import CacheBatch, LatentCache
 from .config import DeepseekV2Config
-from .moe import ExpertBackend, LocalExperts
+from .moe import ExpertBackend, LocalExperts, PendingExperts
 from .transformer import CausalLMOutput, DeepseekV2ForCausalLM
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "ExpertBackend",
     "LatentCache",
     "LocalExperts",
+    "PendingExperts",
 ]

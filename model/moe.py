@@ -129,22 +129,41 @@ def capacity_mask(
 # ---- the expert backend ---------------------------------------------------------------------------
 
 
+class PendingExperts(ABC):
+    """Expert outputs on their way; the caller computes the shared experts meanwhile."""
+
+    @abstractmethod
+    def result(self) -> Tensor:
+        """The outputs [N, d], in the order of the tokens submitted."""
+
+    @abstractmethod
+    def backward(self, grad_outputs: Tensor) -> Tensor:
+        """Gradient of the outputs -> gradient of the tokens; the experts accumulate their own grads."""
+
+
 class ExpertBackend(ABC):
     """Runs the routed experts of every MoE layer for tokens grouped by expert.
 
-    `forward` receives tokens [N, d] where the first counts[0] rows go to expert 0, the next counts[1]
-    to expert 1, and so on over all routed experts; it returns the outputs in the same order. With
-    `keep_for_backward` it keeps what the backward needs under the returned handle; `backward` takes the
-    outputs' gradient, accumulates the experts' parameter gradients and returns the tokens' gradient.
+    `tokens` [N, d]: the first counts[0] rows go to expert 0, the next counts[1] to expert 1, and so on
+    over all routed experts; token_index [N] says which token of the batch each row copies (for load
+    statistics). With keep_for_backward the backend keeps what `PendingExperts.backward` needs.
     """
 
     @abstractmethod
-    def forward(self, layer: int, tokens: Tensor, counts: list[int], keep_for_backward: bool) -> tuple[Tensor, int]:
-        ...
+    def submit(
+        self, layer: int, tokens: Tensor, counts: list[int], token_index: Tensor, keep_for_backward: bool
+    ) -> PendingExperts: ...
 
-    @abstractmethod
-    def backward(self, layer: int, handle: int, grad_outputs: Tensor) -> Tensor:
-        ...
+
+class _Computed(PendingExperts):
+    def __init__(self, outputs: Tensor, experts: "LocalExperts", handle: int | None):
+        self.outputs, self.experts, self.handle = outputs, experts, handle
+
+    def result(self) -> Tensor:
+        return self.outputs
+
+    def backward(self, grad_outputs: Tensor) -> Tensor:
+        return self.experts.backward(self.handle, grad_outputs)
 
 
 class LocalExperts(ExpertBackend):
@@ -160,47 +179,70 @@ class LocalExperts(ExpertBackend):
         outputs = [experts[str(e)](chunk) for e, chunk in enumerate(tokens.split(counts)) if len(chunk)]
         return torch.cat(outputs) if outputs else tokens
 
-    def forward(self, layer: int, tokens: Tensor, counts: list[int], keep_for_backward: bool) -> tuple[Tensor, int]:
-        handle = next(self._handles)
+    def forward(self, layer: int, tokens: Tensor, counts: list[int], keep_for_backward: bool) -> tuple[Tensor, int | None]:
+        """Outputs, and the handle that `backward` takes when keep_for_backward."""
         if not keep_for_backward:
             with torch.no_grad():
-                return self.run(layer, tokens, counts), handle
+                return self.run(layer, tokens, counts), None
         with torch.enable_grad():
             inputs = tokens.detach().requires_grad_()
             outputs = self.run(layer, inputs, counts)
+        handle = next(self._handles)
         self._saved[handle] = (inputs, outputs)
         return outputs.detach(), handle
 
-    def backward(self, layer: int, handle: int, grad_outputs: Tensor) -> Tensor:
+    def backward(self, handle: int, grad_outputs: Tensor) -> Tensor:
         inputs, outputs = self._saved.pop(handle)
-        if outputs.requires_grad:
+        if outputs.requires_grad and outputs is not inputs:
             outputs.backward(grad_outputs)
         return inputs.grad if inputs.grad is not None else torch.zeros_like(inputs)
+
+    def submit(
+        self, layer: int, tokens: Tensor, counts: list[int], token_index: Tensor, keep_for_backward: bool
+    ) -> PendingExperts:
+        outputs, handle = self.forward(layer, tokens, counts, keep_for_backward)
+        return _Computed(outputs, self, handle)
 
     @property
     def pending_backwards(self) -> int:
         return len(self._saved)
 
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Checkpoint names -> parameters of every expert held."""
+        return {
+            f"model.layers.{layer}.mlp.experts.{name}": param
+            for layer, experts in self.experts.items()
+            for name, param in experts.named_parameters()
+        }
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, config: DeepseekV2Config, experts: dict[int, list[int]], dtype: torch.dtype = torch.float32
+    ) -> "LocalExperts":
+        """Read only these experts' tensors (MoE layer -> expert ids) from a checkpoint folder."""
+        from .checkpoint import load_tensors
+
+        modules = {layer: make_experts(config, ids) for layer, ids in experts.items()}
+        local = cls(modules)
+        names = local.named_parameters()
+        tensors = load_tensors(directory, names, dtype=dtype)
+        with torch.no_grad():
+            for name, param in names.items():
+                param.copy_(tensors[name])
+        return local
+
 
 class _ThroughBackend(torch.autograd.Function):
-    """Makes a backend's forward/backward one autograd node, whichever process the experts live in."""
+    """One autograd node for the routed experts, whichever process they live in."""
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, backend: ExpertBackend, layer: int, counts: list[int]) -> Tensor:
-        outputs, ctx.handle = backend.forward(layer, tokens, counts, keep_for_backward=True)
-        ctx.backend, ctx.layer = backend, layer
-        return outputs
+    def forward(ctx, tokens: Tensor, pending: PendingExperts) -> Tensor:
+        ctx.pending = pending
+        return pending.result()
 
     @staticmethod
     def backward(ctx, grad_outputs: Tensor):
-        grad_tokens = ctx.backend.backward(ctx.layer, ctx.handle, grad_outputs.contiguous())
-        return grad_tokens, None, None, None
-
-
-def run_experts(backend: ExpertBackend, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
-    if torch.is_grad_enabled() and tokens.requires_grad:
-        return _ThroughBackend.apply(tokens, backend, layer, counts)
-    return backend.forward(layer, tokens, counts, keep_for_backward=False)[0]
+        return ctx.pending.backward(grad_outputs.contiguous()), None
 
 
 # ---- the MoE layer --------------------------------------------------------------------------------
@@ -249,14 +291,15 @@ class DeepseekMoE(nn.Module):
                 kept = capacity_mask(
                     affinity, routing.expert_ids, self.n_experts, self.n_devices, self.capacity_factor, exempt
                 )
-        routed, tokens_per_expert = self.dispatch(flat, routing, kept)
-        hidden = routed.view(batch, seq, d)
-        if self.shared_experts is not None:
-            hidden = hidden + self.shared_experts(x)
-        return MoEOutput(hidden, tokens_per_expert, balance)
+        combine = self.dispatch(flat, routing, kept)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps remote experts
+        hidden = combine.wait().view(batch, seq, d)
+        if shared is not None:
+            hidden = hidden + shared
+        return MoEOutput(hidden, combine.tokens_per_expert, balance)
 
-    def dispatch(self, x: Tensor, routing: Routing, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Group token copies by expert, run them through the backend, combine with the gate weights."""
+    def dispatch(self, x: Tensor, routing: Routing, kept: Tensor | None = None) -> "_Combine":
+        """Group token copies by expert and submit them to the backend."""
         top_k = routing.expert_ids.shape[1]
         expert_of = routing.expert_ids.flatten()  # [N·K]
         token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
@@ -267,7 +310,30 @@ class DeepseekMoE(nn.Module):
         order = expert_of.argsort(stable=True)
         token_of, weight_of = token_of[order], weight_of[order]
         tokens_per_expert = torch.bincount(expert_of, minlength=self.n_experts)
-        outputs = run_experts(self.backend, self.layer_idx, x[token_of], tokens_per_expert.tolist())
-        combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        combined = combined.index_add(0, token_of, outputs.float() * weight_of[:, None])
-        return combined.to(x.dtype), tokens_per_expert
+        tokens = x[token_of]
+        needs_grad = torch.is_grad_enabled() and tokens.requires_grad
+        pending = self.backend.submit(
+            self.layer_idx, tokens.detach(), tokens_per_expert.tolist(), token_of, keep_for_backward=needs_grad
+        )
+        return _Combine(x, tokens if needs_grad else None, pending, token_of, weight_of, tokens_per_expert)
+
+
+@dataclass
+class _Combine:
+    """Routed outputs still to be weighted and summed back per token."""
+
+    x: Tensor
+    tokens: Tensor | None  # the grouped tokens, kept when gradients flow through the experts
+    pending: PendingExperts
+    token_of: Tensor
+    weight_of: Tensor
+    tokens_per_expert: Tensor
+
+    def wait(self) -> Tensor:
+        if self.tokens is not None:
+            outputs = _ThroughBackend.apply(self.tokens, self.pending)
+        else:
+            outputs = self.pending.result()
+        combined = torch.zeros(self.x.shape, dtype=torch.float32, device=self.x.device)
+        combined = combined.index_add(0, self.token_of, outputs.float() * self.weight_of[:, None])
+        return combined.to(self.x.dtype)

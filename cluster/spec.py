@@ -1,0 +1,23 @@
+"""ClusterSpec: the shape of one actor graph."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Transport = Literal["objectstore", "compiled"]
+
+
+class ClusterSpec(BaseModel):
+    model: str = Field(description="model folder (config.json + safetensors) every actor reads its slice from")
+    name: str = Field("moeray", description="prefix of the named actors; one graph per name and namespace")
+    routers: int = Field(1, ge=1)
+    expert_actors: int = Field(2, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
+    cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
+    extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
+    transport: Transport = "objectstore"
+    detached: bool = Field(False, description="outlive the driver (serving)")
+    max_restarts: int = Field(3, ge=-1)
+    max_task_retries: int = Field(3, ge=-1)
