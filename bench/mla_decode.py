@@ -6,7 +6,8 @@
 Prints JSON lines on stdout:
 - "config": the benchmark model (V2-Lite's attention shapes, tiny everything else) and the method;
 - "cache_bytes_per_token": ours (LatentCache.bytes_per_token) vs what transformers' DynamicCache holds;
-- one line per case {"case", "batch", "context", "moeray_tok_s", "transformers_tok_s", "ratio", "tokens_equal"};
+- "generate_check": real prefill + greedy generate() of both at batch 1, context 512 (tokens must agree);
+- one line per decode case {"case", "batch", "context", "moeray_tok_s", "transformers_tok_s", "ratio", ...};
 - "preset_cache": per real preset (v2, v2-lite; shapes only) the bf16 cache bytes per token of the latent
   vs an expanded K/V cache and vs the paper's MHA baseline 2·n_h·d_h·l.
 
@@ -20,15 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
 import torch
 import transformers
+from transformers import DynamicCache
 
-from model import DeepseekV2Config, DeepseekV2ForCausalLM, LatentCache
+from model import CacheBatch, DeepseekV2Config, DeepseekV2ForCausalLM, LatentCache
 
-# V2-Lite attention (16 heads, d_h 128, d_R 64, d_v 128, d_c 512, no q compression, YaRN ×40);
+# V2-Lite attention (16 heads, d_h 128, d_R 64, d_v 128, d_c 512, no q compression, YaRN x40);
 # small hidden size, 2 layers (one dense, one MoE), small experts and vocabulary.
 BENCH_OVERRIDES = dict(
     hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=2,
@@ -36,49 +39,94 @@ BENCH_OVERRIDES = dict(
     bos_token_id=None, eos_token_id=None, pad_token_id=0,
 )
 METHOD = (
-    "one generate() call per model and case, greedy, batch of equal-length random prompts; a forward hook "
-    "stamps the end of the first forward (the prefill); decode time = generate wall time after the prefill "
-    "forward returned (N-1 decode forwards plus sampling/cache bookkeeping); decode tokens = batch*(N-1); "
-    "fp32, torch threads = available cores, one warm-up generate per model first"
+    "decode only: per case both models get the same synthetic context of `context` tokens per sequence "
+    "(random latents [c_KV ; k_R], written into our LatentCache and into transformers' DynamicCache, which "
+    "caches exactly that latent); a real prefill of batch 8 x 4096 would need ~24 GB and ~10 min here. "
+    "Then N greedy single-token decode forwards (the calls generate() makes; transformers' cache grows by "
+    "torch.cat as in its generate) are timed one by one; tok/s = batch / median step time (median: the "
+    "machine is shared). generate_check runs both generate() end to end (real prefill) and times decode "
+    "as generate wall time after the prefill forward returned, over batch*(N-1) tokens"
 )
 
 
-def timed_generate(model, run) -> tuple[float, float, object]:
-    """(total seconds, seconds after the first forward returned, run()'s result)."""
+def decode_ours(model, cache, block_tables, first, context, steps):
+    tokens, times, out = first, [], []
+    positions = torch.full_like(first, context)[:, None]
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = model(tokens[:, None], cache=cache, cache_batch=CacheBatch(block_tables, positions)).logits
+        tokens = logits[:, -1].argmax(-1)
+        times.append(time.perf_counter() - start)
+        out.append(tokens)
+        positions = positions + 1
+    return torch.stack(out, 1), times
+
+
+def decode_hf(model, cache, first, steps):
+    tokens, times, out = first, [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits
+        tokens = logits[:, -1].argmax(-1)
+        times.append(time.perf_counter() - start)
+        out.append(tokens)
+    return torch.stack(out, 1), times
+
+
+def decode_case(ours, hf, config, batch, context, steps, generator) -> dict:
+    shape = (config.num_hidden_layers, batch, context)
+    c_kv = torch.randn(*shape, config.kv_lora_rank, generator=generator)
+    k_rope = torch.randn(*shape, config.qk_rope_head_dim, generator=generator)
+    first = torch.randint(3, config.vocab_size, (batch,), generator=generator)
+    cache, block_tables = LatentCache.for_batch(config, batch, context + steps)
+    fill = CacheBatch(block_tables, torch.arange(context).expand(batch, -1))
+    hf_cache = DynamicCache(config=hf.config)
+    for layer in range(config.num_hidden_layers):
+        cache.write(layer, fill, c_kv[layer], k_rope[layer])
+        hf_cache.update(c_kv[layer][:, None].clone(), k_rope[layer][:, None].clone(), layer)
+    del c_kv, k_rope
+    with torch.no_grad():
+        ours_tokens, ours_times = decode_ours(ours, cache, block_tables, first, context, steps)
+        hf_tokens, hf_times = decode_hf(hf, hf_cache, first, steps)
+    ours_ms, hf_ms = 1000 * statistics.median(ours_times), 1000 * statistics.median(hf_times)
+    return {
+        "case": f"b{batch}_ctx{context}", "batch": batch, "context": context,
+        "moeray_tok_s": round(1000 * batch / ours_ms, 2), "transformers_tok_s": round(1000 * batch / hf_ms, 2),
+        "ratio": round(hf_ms / ours_ms, 2), "tokens_equal": torch.equal(ours_tokens, hf_tokens),
+        "moeray_ms_per_step": round(ours_ms, 2), "transformers_ms_per_step": round(hf_ms, 2),
+        "moeray_mean_ms_per_step": round(1000 * statistics.mean(ours_times), 2),
+        "transformers_mean_ms_per_step": round(1000 * statistics.mean(hf_times), 2),
+    }
+
+
+def timed_generate(model, run) -> tuple[float, object]:
+    """(seconds of run() after the model's first forward (the prefill) returned, run()'s result)."""
     stamps: list[float] = []
     hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     try:
-        start = time.perf_counter()
         result = run()
         end = time.perf_counter()
     finally:
         hook.remove()
-    return end - start, end - stamps[0], result
+    return end - stamps[0], result
 
 
-def run_ours(model, prompts, new_tokens):
-    return timed_generate(model, lambda: model.generate(prompts, new_tokens))
-
-
-def run_hf(model, prompts, new_tokens):
-    ids = torch.tensor(prompts)
-
-    def run():
-        return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, return_dict_in_generate=True, pad_token_id=0,
-        )
-
-    total, decode, out = timed_generate(model, run)
-    return total, decode, out
-
-
-def hf_cache_bytes_per_token(out, batch: int) -> int:
-    """Bytes the returned DynamicCache holds, per cached token (all layers)."""
-    cache = out.past_key_values
-    tokens = cache.get_seq_length()
+def generate_check(ours, hf, config, batch, context, new_tokens, generator) -> dict:
+    prompts = torch.randint(3, config.vocab_size, (batch, context), generator=generator)
+    ours_s, ours_out = timed_generate(ours, lambda: ours.generate(prompts.tolist(), new_tokens))
+    hf_s, hf_out = timed_generate(hf, lambda: hf.generate(
+        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, return_dict_in_generate=True, pad_token_id=0))
+    cache = hf_out.past_key_values
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return held // (batch * tokens)
+    tokens = batch * (new_tokens - 1)
+    return {
+        "generate_check": f"b{batch}_ctx{context}", "new_tokens": new_tokens,
+        "tokens_equal": ours_out == hf_out.sequences[:, context:].tolist(),
+        "moeray_tok_s": round(tokens / ours_s, 2), "transformers_tok_s": round(tokens / hf_s, 2),
+        "ratio": round(hf_s / ours_s, 2),
+        "transformers_cache_bytes_per_token": held // (batch * cache.get_seq_length()),
+    }
 
 
 def preset_cache(name: str) -> dict:
@@ -93,7 +141,7 @@ def preset_cache(name: str) -> dict:
         "latent_bytes_per_token_bf16": latent, "expanded_kv_bytes_per_token_bf16": expanded,
         "latent_vs_expanded_pct": round(100 * latent / expanded, 3),
         "mha_paper_bytes_per_token_bf16": mha, "latent_vs_mha_paper_pct": round(100 * latent / mha, 3),
-        "assertion": latent == LatentCache.bytes_per_token(c, torch.bfloat16),
+        "matches_LatentCache_bytes_per_token": latent == LatentCache.bytes_per_token(c, torch.bfloat16),
     }
 
 
@@ -104,61 +152,38 @@ def emit(obj: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 at context 512 only, few tokens")
-    parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per generate (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="decode steps per case (default 16)")
     parser.add_argument("--contexts", default="512,2048,4096", help="batch-8 contexts")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     args = parser.parse_args()
-    new_tokens = args.new_tokens or (6 if args.quick else 16)
+    new_tokens = args.new_tokens or (5 if args.quick else 16)
     contexts = [512] if args.quick else [int(c) for c in args.contexts.split(",")]
-    cases = [(1, 512)] + [(8, ctx) for ctx in contexts]
-
-    threads = args.threads
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     config = DeepseekV2Config.preset("v2-lite", **BENCH_OVERRIDES)
     emit({
         "config": {k: getattr(config, k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
             "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "vocab_size", "first_k_dense_replace")},
-        "base_preset": "v2-lite", "dtype": "float32", "threads": threads, "new_tokens": new_tokens,
+        "base_preset": "v2-lite", "dtype": "float32", "threads": args.threads, "new_tokens": new_tokens,
         "torch": torch.__version__, "transformers": transformers.__version__, "method": METHOD,
     })
-
     with tempfile.TemporaryDirectory() as folder:
         DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(folder)
         ours = DeepseekV2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         hf = transformers.DeepseekV2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
-    warm = [[3, 4, 5, 6] * 8]
-    run_ours(ours, warm, 3)
-    _, _, out = run_hf(hf, warm, 3)
-    emit({
-        "cache_bytes_per_token": {
-            "moeray_latent_fp32": LatentCache.bytes_per_token(config, torch.float32),
-            "transformers_dynamic_cache_fp32": hf_cache_bytes_per_token(out, 1),
-            "expanded_kv_fp32": config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
-            * config.num_hidden_layers * 4,
-        }
-    })
-
-    generator = torch.Generator().manual_seed(1)
-    for batch, context in cases:
-        prompts = torch.randint(3, config.vocab_size, (batch, context), generator=generator).tolist()
-        ours_total, ours_decode, ours_tokens = run_ours(ours, prompts, new_tokens)
-        hf_total, hf_decode, hf_out = run_hf(hf, prompts, new_tokens)
-        hf_tokens = hf_out.sequences[:, context:].tolist()
-        steps = batch * (new_tokens - 1)
-        ours_tok_s, hf_tok_s = steps / ours_decode, steps / hf_decode
-        emit({
-            "case": f"b{batch}_ctx{context}", "batch": batch, "context": context,
-            "moeray_tok_s": round(ours_tok_s, 2), "transformers_tok_s": round(hf_tok_s, 2),
-            "ratio": round(ours_tok_s / hf_tok_s, 2), "tokens_equal": ours_tokens == hf_tokens,
-            "moeray_prefill_s": round(ours_total - ours_decode, 3), "transformers_prefill_s": round(hf_total - hf_decode, 3),
-            "moeray_decode_ms_per_step": round(1000 * ours_decode / (new_tokens - 1), 2),
-            "transformers_decode_ms_per_step": round(1000 * hf_decode / (new_tokens - 1), 2),
-        })
-
+    generator = torch.Generator().manual_seed(0)
+    check = generate_check(ours, hf, config, 1, 512, new_tokens, generator)  # also warms both up
+    emit({"cache_bytes_per_token": {
+        "moeray_latent_fp32": LatentCache.bytes_per_token(config, torch.float32),
+        "transformers_dynamic_cache_fp32": check.pop("transformers_cache_bytes_per_token"),
+        "expanded_kv_fp32": config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        * config.num_hidden_layers * 4,
+    }})
+    emit(check)
+    for batch, context in [(1, 512)] + [(8, ctx) for ctx in contexts]:
+        emit(decode_case(ours, hf, config, batch, context, new_tokens, generator))
     for name in ("v2", "v2-lite"):
         emit(preset_cache(name))
 

@@ -14,6 +14,7 @@ class ClusterSpec(BaseModel):
     name: str = Field("moeray", description="prefix of the named actors; one graph per name and namespace")
     routers: int = Field(1, ge=1)
     expert_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0, description="logical CPUs each actor reserves")
     gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")

@@ -1,0 +1,108 @@
+"""ExpertActor: one device and a slice of the routed experts of every MoE layer.
+
+It wraps `model.moe.LocalExperts`, the same code the one-process model runs, and adds what only an
+owner of parameters needs: their gradients, their AdamW state, and shipping experts to other actors
+when the placement changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from model import DeepseekV2Config, LocalExperts
+from model.moe import make_experts
+
+
+IDLE_REPLY = torch.zeros(1)
+
+
+class ExpertActor:
+    def __init__(self, model_dir: str, index: int, experts: dict[int, list[int]], torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.index = index
+        self.model_dir = model_dir
+        self.config = DeepseekV2Config.from_pretrained(model_dir)
+        self.local = LocalExperts.from_pretrained(model_dir, self.config, experts)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_settings: dict = {}
+
+    def ready(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "experts": self.held()}
+
+    def held(self) -> dict[int, list[int]]:
+        return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
+
+    # ---- the data path ----------------------------------------------------------------------------
+    def forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
+        return self.local.forward(layer, tokens, counts, keep_for_backward=False)[0]
+
+    def forward_compiled(self, message: tuple[int, Tensor | None, list[int]]) -> Tensor:
+        """The compiled graph's entry: one (layer, tokens, counts) message per execution; an idle
+        actor gets tokens=None and answers a placeholder (zero-size tensors cannot cross the channel)."""
+        layer, tokens, counts = message
+        if tokens is None:
+            return IDLE_REPLY
+        return self.forward(layer, tokens, counts)
+
+    def forward_train(self, layer: int, tokens: Tensor, counts: list[int]) -> tuple[Tensor, int]:
+        return self.local.forward(layer, tokens, counts, keep_for_backward=True)
+
+    def backward(self, handle: int, grad_outputs: Tensor) -> Tensor:
+        return self.local.backward(handle, grad_outputs)
+
+    # ---- parameters, gradients, optimizer ---------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: param.detach().clone() for name, param in self.local.named_parameters().items()}
+
+    def grads(self) -> dict[str, Tensor]:
+        return {
+            name: param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+            for name, param in self.local.named_parameters().items()
+        }
+
+    def zero_grad(self) -> None:
+        for param in self.local.named_parameters().values():
+            param.grad = None
+
+    def configure_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8) -> None:
+        self.optimizer_settings = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.optimizer = torch.optim.AdamW(list(self.local.named_parameters().values()), **self.optimizer_settings)
+
+    def grad_sq_norm(self) -> float:
+        return float(sum(p.grad.pow(2).sum() for p in self.local.named_parameters().values() if p.grad is not None))
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """One AdamW step (after the caller's global gradient clipping, as a scale), then zero grads."""
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer first")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if grad_scale != 1.0:
+            for param in self.local.named_parameters().values():
+                if param.grad is not None:
+                    param.grad.mul_(grad_scale)
+        self.optimizer.step()
+        self.zero_grad()
+
+    # ---- placement changes ------------------------------------------------------------------------
+    def expert_weights(self, layer: int, expert_ids: list[int]) -> dict[int, dict[str, Tensor]]:
+        experts = self.local.experts[layer]
+        return {e: {k: v.detach().clone() for k, v in experts[str(e)].state_dict().items()} for e in expert_ids}
+
+    def set_experts(self, layer: int, keep: list[int], *incoming_parts: dict[int, dict[str, Tensor]]) -> None:
+        """Hold exactly `keep` plus the incoming experts for this layer (inference only: optimizer state
+        does not move)."""
+        incoming = {e: weights for part in incoming_parts for e, weights in part.items()}
+        if self.optimizer is not None:
+            raise RuntimeError("experts cannot move while this actor holds optimizer state")
+        current = self.local.experts[layer]
+        updated = make_experts(self.config, sorted({*keep, *incoming}))
+        with torch.no_grad():
+            for e in keep:
+                updated[str(e)].load_state_dict(current[str(e)].state_dict())
+            for e, weights in incoming.items():
+                updated[str(e)].load_state_dict(weights)
+        self.local.experts[layer] = updated

@@ -1,0 +1,159 @@
+"""RouterActor: embeddings, attention, norms, gates, shared experts and lm_head; dispatch and combine.
+
+The router holds the model without its routed experts; its MoE layers reach the expert actors through
+`RemoteExperts`. Every torch step runs on one worker thread (so a compiled graph is always driven by
+the thread that built it, and a placement change lands between two steps), while the actor's event
+loop keeps answering statistics and health calls during a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import ray
+import torch
+from torch import Tensor
+
+from cluster.load_stats import LoadStats
+from cluster.placement import Placement
+from cluster.spec import ClusterSpec
+from model import DeepseekV2ForCausalLM
+
+from .transport import CompiledGraphTransport, ExpertTransport, ObjectStoreTransport, RemoteExperts
+
+
+class RouterActor:
+    def __init__(self, spec: dict, index: int, expert_actors: list, placement: dict):
+        self.spec = ClusterSpec.model_validate(spec)
+        self.index = index
+        self.expert_actors = expert_actors
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
+        self._worker.submit(torch.set_num_threads, self.spec.cpu_threads_per_actor).result()
+        self.model = DeepseekV2ForCausalLM.from_pretrained(self.spec.model, expert_ids=[])
+        config = self.model.config
+        placement_ = Placement.model_validate(placement)
+        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(expert_actors))
+        self.objectstore = ObjectStoreTransport(expert_actors)
+        self.compiled: CompiledGraphTransport | None = None
+        self.experts = RemoteExperts(self.objectstore, placement_, self.stats)
+        self.model.set_expert_backend(self.experts)
+        if self.spec.transport == "compiled":
+            self._on_worker(self._use_transport, "compiled")
+
+    def _on_worker(self, fn: Callable, *args: Any) -> Any:
+        return self._worker.submit(fn, *args).result()
+
+    async def _step(self, fn: Callable, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        self.objectstore.loop = loop
+        return await loop.run_in_executor(self._worker, fn, *args)
+
+    # ---- health and introspection -----------------------------------------------------------------
+    async def ready(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "transport": self.transport_name}
+
+    @property
+    def transport_name(self) -> str:
+        return "compiled" if self.experts.transport is self.compiled else "objectstore"
+
+    async def describe(self) -> dict:
+        return {
+            "spec": self.spec.model_dump(),
+            "placement": self.experts.placement.model_dump(),
+            "transport": self.transport_name,
+            "compiled_healthy": self.compiled is not None and self.compiled.healthy,
+            "compiled_failures": 0 if self.compiled is None else self.compiled.failures,
+        }
+
+    async def get_expert_actors(self) -> list:
+        return self.expert_actors
+
+    async def load_stats(self) -> dict:
+        return {**self.stats.snapshot(), "transport": self.transport_name}
+
+    async def reset_stats(self) -> None:
+        self.stats.reset()
+
+    # ---- inference --------------------------------------------------------------------------------
+    async def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling: Any) -> list[list[int]]:
+        return await self._step(self._generate, prompts, max_new_tokens, sampling)
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict) -> list[list[int]]:
+        with torch.no_grad():
+            return self.model.generate(prompts, max_new_tokens, **sampling)
+
+    async def forward(self, input_ids: Tensor) -> Tensor:
+        def run() -> Tensor:
+            with torch.no_grad():
+                return self.model(input_ids).logits
+
+        return await self._step(run)
+
+    # ---- training ---------------------------------------------------------------------------------
+    async def forward_backward(self, input_ids: Tensor, output_weights: Tensor) -> dict[str, Tensor]:
+        """Backward of Σ logits·output_weights through the actor graph; returns the dense gradients
+        (the experts' stay on their actors)."""
+
+        def run() -> dict[str, Tensor]:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train()
+            try:
+                (self.model(input_ids).logits * output_weights).sum().backward()
+            finally:
+                self.model.eval()
+            return {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+        return await self._step(run)
+
+    # ---- transports and placement -----------------------------------------------------------------
+    async def set_transport(self, name: str) -> str:
+        await self._step(self._use_transport, name)
+        return self.transport_name
+
+    def _use_transport(self, name: str) -> None:
+        transport: ExpertTransport
+        if name == "compiled":
+            if self.compiled is None:
+                self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore)
+            transport = self.compiled
+        elif name == "objectstore":
+            transport = self.objectstore
+        else:
+            raise ValueError(f"unknown transport {name!r}")
+        self.experts.transport = transport
+
+    async def rebalance(self, extra_copies: int | None = None) -> dict:
+        """Recompute the placement from the load measured so far and apply it between two steps."""
+        extra = self.spec.extra_copies if extra_copies is None else extra_copies
+        new = self.experts.placement.rebalance(self.stats.expert_load(), extra)
+        await self._step(self._apply_placement, new)
+        return new.model_dump()
+
+    async def apply_placement(self, placement: dict) -> None:
+        await self._step(self._apply_placement, Placement.model_validate(placement))
+
+    def _apply_placement(self, new: Placement) -> None:
+        old = self.experts.placement
+        compiled_was_used = self.transport_name == "compiled"
+        if self.compiled is not None:  # actors in a live compiled graph take no ordinary calls
+            self.compiled.teardown()
+            self.compiled = None
+        # Fetch every incoming expert before any actor drops one: set_experts may remove a source's copy.
+        plans = []
+        for actor_index, actor in enumerate(self.expert_actors):
+            have, want = old.experts_of(actor_index), new.experts_of(actor_index)
+            for layer in new.copies:
+                by_source: dict[int, list[int]] = {}
+                for e in sorted(set(want[layer]) - set(have[layer])):
+                    by_source.setdefault(old.copies[layer][e][0], []).append(e)
+                weights = [self.expert_actors[src].expert_weights.remote(layer, ids) for src, ids in by_source.items()]
+                plans.append((actor, layer, sorted(set(want[layer]) & set(have[layer])), weights))
+        ray.get([ref for *_, weights in plans for ref in weights])
+        updates = [actor.set_experts.remote(layer, keep, *weights) for actor, layer, keep, weights in plans]
+        ray.get(updates)
+        self.experts.placement = new
+        self.stats.reset()
+        self._use_transport("compiled" if compiled_was_used else "objectstore")
