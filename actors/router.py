@@ -22,21 +22,25 @@ from cluster.placement import Placement
 from cluster.spec import ClusterSpec
 from model import DeepseekV2ForCausalLM
 
-from .transport import CompiledGraphTransport, ExpertTransport, ObjectStoreTransport, RemoteExperts
+from .transport import CompiledGraphTransport, ObjectStoreTransport, RemoteExperts
 
 
 class RouterActor:
-    def __init__(self, spec: dict, index: int, expert_actors: list, placement: dict):
+    def __init__(self, spec: dict, index: int, placement: dict):
+        from cluster.graph import NAMESPACE, expert_name
+
         self.spec = ClusterSpec.model_validate(spec)
         self.index = index
-        self.expert_actors = expert_actors
+        self.expert_actors = [
+            ray.get_actor(expert_name(self.spec.name, i), namespace=NAMESPACE) for i in range(self.spec.expert_actors)
+        ]
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
         self._worker.submit(torch.set_num_threads, self.spec.cpu_threads_per_actor).result()
         self.model = DeepseekV2ForCausalLM.from_pretrained(self.spec.model, expert_ids=[])
         config = self.model.config
         placement_ = Placement.model_validate(placement)
-        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(expert_actors))
-        self.objectstore = ObjectStoreTransport(expert_actors)
+        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
+        self.objectstore = ObjectStoreTransport(self.expert_actors)
         self.compiled: CompiledGraphTransport | None = None
         self.experts = RemoteExperts(self.objectstore, placement_, self.stats)
         self.model.set_expert_backend(self.experts)
@@ -114,16 +118,15 @@ class RouterActor:
         return self.transport_name
 
     def _use_transport(self, name: str) -> None:
-        transport: ExpertTransport
-        if name == "compiled":
-            if self.compiled is None:
-                self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore)
-            transport = self.compiled
-        elif name == "objectstore":
-            transport = self.objectstore
-        else:
+        if name not in ("compiled", "objectstore"):
             raise ValueError(f"unknown transport {name!r}")
-        self.experts.transport = transport
+        if name == "compiled" and self.compiled is None:
+            self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore)
+        if name == "objectstore" and self.compiled is not None:
+            # An idle compiled graph busy-polls its channels: do not keep one that is not used.
+            self.compiled.teardown()
+            self.compiled = None
+        self.experts.transport = self.compiled if name == "compiled" else self.objectstore
 
     async def rebalance(self, extra_copies: int | None = None) -> dict:
         """Recompute the placement from the load measured so far and apply it between two steps."""
@@ -137,10 +140,6 @@ class RouterActor:
 
     def _apply_placement(self, new: Placement) -> None:
         old = self.experts.placement
-        compiled_was_used = self.transport_name == "compiled"
-        if self.compiled is not None:  # actors in a live compiled graph take no ordinary calls
-            self.compiled.teardown()
-            self.compiled = None
         # Fetch every incoming expert before any actor drops one: set_experts may remove a source's copy.
         plans = []
         for actor_index, actor in enumerate(self.expert_actors):
@@ -151,9 +150,9 @@ class RouterActor:
                     by_source.setdefault(old.copies[layer][e][0], []).append(e)
                 weights = [self.expert_actors[src].expert_weights.remote(layer, ids) for src, ids in by_source.items()]
                 plans.append((actor, layer, sorted(set(want[layer]) & set(have[layer])), weights))
-        ray.get([ref for *_, weights in plans for ref in weights])
+        self.objectstore.wait([ref for *_, weights in plans for ref in weights])
         updates = [actor.set_experts.remote(layer, keep, *weights) for actor, layer, keep, weights in plans]
-        ray.get(updates)
+        self.objectstore.wait(updates)
         self.experts.placement = new
         self.stats.reset()
-        self._use_transport("compiled" if compiled_was_used else "objectstore")
+

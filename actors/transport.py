@@ -48,7 +48,7 @@ class ObjectStoreTransport(ExpertTransport):
         self.actors = actors
         self.loop: asyncio.AbstractEventLoop | None = None  # the async router's loop, when there is one
 
-    def _wait(self, refs: list[ray.ObjectRef]) -> list:
+    def wait(self, refs: list[ray.ObjectRef]) -> list:
         """Await all calls together on the router's event loop (the step runs on a worker thread)."""
         if self.loop is None:
             return ray.get(refs)
@@ -67,13 +67,13 @@ class ObjectStoreTransport(ExpertTransport):
 
     def receive(self, sent: dict[int, ray.ObjectRef]) -> dict[int, tuple[Tensor, int | None]]:
         actors = list(sent)
-        results = self._wait([sent[a] for a in actors])
+        results = self.wait([sent[a] for a in actors])
         return {a: r if isinstance(r, tuple) else (r, None) for a, r in zip(actors, results)}
 
     def backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> dict[int, Tensor]:
         actors = list(handles)
         refs = [self.actors[a].backward.remote(handles[a], grads[a]) for a in actors]
-        return dict(zip(actors, self._wait(refs)))
+        return dict(zip(actors, self.wait(refs)))
 
 
 class CompiledGraphTransport(ExpertTransport):

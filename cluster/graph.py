@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ class ActorGraph:
         placement = Placement.contiguous(
             config.n_routed_experts, spec.expert_actors, config.moe_layers, config.n_group if config.group_limited else 1
         )
+        if spec.cpus_per_actor is None:
+            n_actors = spec.expert_actors + spec.routers
+            cpus = min(1.0, ray.available_resources().get("CPU", 1.0) / n_actors)
+            spec = spec.model_copy(update={"cpus_per_actor": math.floor(cpus * 100) / 100})
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
             [bundle] * spec.expert_actors + [{"CPU": spec.cpus_per_actor}] * spec.routers,
@@ -83,7 +88,7 @@ class ActorGraph:
         routers = [
             ray.remote(RouterActor)
             .options(**options(router_name(spec.name, r), spec.expert_actors + r, {"CPU": spec.cpus_per_actor}))
-            .remote(spec.model_dump(), r, experts, placement.model_dump())
+            .remote(spec.model_dump(), r, placement.model_dump())
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 Transport = Literal["objectstore", "compiled"]
 
@@ -14,7 +14,9 @@ class ClusterSpec(BaseModel):
     name: str = Field("moeray", description="prefix of the named actors; one graph per name and namespace")
     routers: int = Field(1, ge=1)
     expert_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0, description="logical CPUs each actor reserves")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="logical CPUs each actor reserves; None = up to 1, shared fairly on small nodes"
+    )
     gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
@@ -22,3 +24,9 @@ class ClusterSpec(BaseModel):
     detached: bool = Field(False, description="outlive the driver (serving)")
     max_restarts: int = Field(3, ge=-1)
     max_task_retries: int = Field(3, ge=-1)
+
+    @model_validator(mode="after")
+    def _one_compiled_graph_per_actor(self) -> "ClusterSpec":
+        if self.transport == "compiled" and self.routers > 1:
+            raise ValueError("the compiled transport needs routers == 1: an actor can be in one compiled graph only")
+        return self

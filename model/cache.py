@@ -36,9 +36,12 @@ class CacheBatch:
         """Keys to read per sequence (the longest sequence's length after this forward)."""
         return int(self.positions.max()) + 1
 
-    def attention_mask(self) -> Tensor:
-        """[B, S, T] bool: new token at position p sees cached offsets 0..p."""
+    def attention_mask(self) -> Tensor | None:
+        """[B, S, T] bool: new token at position p sees cached offsets 0..p. None when that is plain
+        causal attention over the new tokens (a fresh prefill), which attention kernels do unmasked."""
         keys = torch.arange(self.context_len, device=self.positions.device)
+        if self.positions.shape[1] == len(keys) and bool((self.positions == keys).all()):
+            return None
         return keys[None, None, :] <= self.positions[:, :, None]
 
     def is_contiguous(self, num_blocks: int) -> bool:

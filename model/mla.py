@@ -85,15 +85,10 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         key = torch.cat((k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2),  # [B, H, S, d_h + d_R]
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None,
-            scale=self.softmax_scale,
-        )
-        return out.transpose(1, 2)  # [B, S, H, d_v]
+        # The fused CPU kernel needs equal q/k/v widths: pad V to d_h + d_R and drop the padding after.
+        value = F.pad(value, (0, query.shape[-1] - self.v_dim))
+        out = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, self.softmax_scale)
+        return out.transpose(1, 2)[..., : self.v_dim]  # [B, S, H, d_v]
 
     def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -101,12 +96,25 @@ class MultiHeadLatentAttention(nn.Module):
         q_absorbed = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, d_c]
         batch, seq = q_absorbed.shape[:2]
         query = torch.cat((q_absorbed, q_rope), dim=-1).flatten(1, 2)  # [B, S·H, d_c + d_R]: MQA, one KV head
-        key, value = latent, latent[..., : self.kv_lora_rank]  # [B, T, d_c + d_R], [B, T, d_c]
-        if mask is None:
-            mask = torch.ones(seq, key.shape[1], dtype=torch.bool, device=key.device).tril()[None]
-        mask = mask[:, :, None, :].expand(-1, -1, self.n_heads, -1).flatten(1, 2)  # [B, S·H, T]
-        latent_out = F.scaled_dot_product_attention(
-            query[:, None], key[:, None], value[:, None], attn_mask=mask[:, None], scale=self.softmax_scale
-        )[:, 0]  # [B, S·H, d_c]
-        latent_out = latent_out.view(batch, seq, self.n_heads, self.kv_lora_rank)
+        if mask is not None:
+            mask = mask[:, :, None, :].expand(-1, -1, self.n_heads, -1).flatten(1, 2)[:, None]  # [B, 1, S·H, T]
+        elif seq > 1:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=latent.device).tril()
+            mask = causal[None, :, None, :].expand(batch, -1, self.n_heads, -1).flatten(1, 2)[:, None]
+        # The latent is both key and value (its k_R columns ride along and are dropped): equal widths
+        # keep the fused kernel, and no copy of the cache is made.
+        latent_out = _attention(query[:, None], latent[:, None], latent[:, None], mask, self.softmax_scale)
+        latent_out = latent_out[:, 0, :, : self.kv_lora_rank].view(batch, seq, self.n_heads, self.kv_lora_rank)
         return torch.einsum("bshc,hvc->bshv", latent_out, w_uv)  # [B, S, H, d_v]
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA; mask [B, S, T] or [B, 1, S, T] bool, or None for causal over equal-length q and k.
+    A mask that hides nothing is dropped, so the fused kernel runs unmasked."""
+    if mask is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scale)
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if bool(mask.all()):
+        mask = None
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)

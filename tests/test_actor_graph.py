@@ -1,0 +1,154 @@
+"""The expert-parallel actor graph on a real local Ray cluster: same tokens, same gradients."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.graph import ActorGraph
+from cluster.spec import ClusterSpec
+from model import DeepseekV2ForCausalLM
+
+from .reference import CONFIG_B
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPTS = [[5, 9, 3, 17], [7, 1, 4, 4, 8, 2, 6, 30, 31], [11]]
+NEW_TOKENS = 8
+
+
+def reference_tokens(folder) -> list[list[int]]:
+    return DeepseekV2ForCausalLM.from_pretrained(folder).generate(PROMPTS, NEW_TOKENS)
+
+
+def make_graph(folder, name: str, expert_actors: int, **spec) -> ActorGraph:
+    return ActorGraph.create(
+        ClusterSpec(model=str(folder), name=name, expert_actors=expert_actors, cpus_per_actor=0.5, **spec)
+    )
+
+
+def generate(graph: ActorGraph, prompts=PROMPTS) -> list[list[int]]:
+    return ray.get(graph.routers[0].generate.remote(prompts, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("config_name, expert_actors", [("A", 2), ("B", 1), ("B", 2), ("B", 4)])
+def test_same_greedy_tokens_for_every_actor_count_and_transport(ray_cluster, tiny_checkpoints, config_name, expert_actors):
+    folder = tiny_checkpoints[config_name]
+    expected = reference_tokens(folder)
+    graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors)
+    try:
+        router = graph.routers[0]
+        assert generate(graph) == expected
+        assert ray.get(router.set_transport.remote("compiled")) == "compiled"
+        assert generate(graph) == expected
+        stats = ray.get(router.load_stats.remote())
+        assert stats["transport"] == "compiled"
+        ray.get(router.set_transport.remote("objectstore"))
+    finally:
+        graph.teardown()
+    for layer in stats["layers"].values():
+        assert sum(layer["tokens_per_expert"]) > 0
+        if config_name == "B":  # device-limited routing: groups are aligned with actors
+            assert layer["actors_per_token_max"] <= CONFIG_B.topk_group
+        assert layer["actors_per_token_max"] <= expert_actors
+
+
+def test_cli_generate_through_expert_actors(ray_cluster, tiny_checkpoints):
+    folder = str(tiny_checkpoints["B"])
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled"}
+
+    def cli(*args: str) -> dict:
+        command = [sys.executable, "-m", "cluster.cli", "generate", "--model", folder, "--prompt-ids", "5,9,3,17"]
+        done = subprocess.run([*command, "--max-tokens", str(NEW_TOKENS), "--json", *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    one_process = cli("--expert-actors", "0")
+    assert one_process["token_ids"] == reference_tokens(folder)[0]
+    graph = cli("--expert-actors", "2", "--transport", "compiled")
+    assert graph["token_ids"] == one_process["token_ids"]
+    assert graph["transport"] == "compiled"
+
+
+@pytest.fixture(scope="module")
+def graph_b2(ray_cluster, tiny_checkpoints):
+    graph = make_graph(tiny_checkpoints["B"], "grad-b2", 2)
+    yield graph
+    graph.teardown()
+
+
+def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints):
+    folder = tiny_checkpoints["B"]
+    ids = torch.randint(0, CONFIG_B.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 12, CONFIG_B.vocab_size, generator=torch.Generator().manual_seed(1))
+
+    local = DeepseekV2ForCausalLM.from_pretrained(folder).train()
+    (local(ids).logits * weights).sum().backward()
+    expected = {name: p.grad for name, p in local.named_parameters()}
+
+    got = ray.get(graph_b2.routers[0].forward_backward.remote(ids, weights))
+    for actor in graph_b2.experts:
+        got.update(ray.get(actor.grads.remote()))
+        ray.get(actor.zero_grad.remote())
+    assert got.keys() == {name for name, grad in expected.items() if grad is not None}
+    for name, grad in got.items():
+        scale = max(expected[name].abs().max().item(), 1.0)
+        torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_rebalancing_with_replicas_keeps_tokens_and_lowers_imbalance(graph_b2, tiny_checkpoints):
+    router = graph_b2.routers[0]
+    local = DeepseekV2ForCausalLM.from_pretrained(tiny_checkpoints["B"])
+
+    def actor_imbalance(token: int) -> float:
+        with torch.no_grad():
+            counts = local(torch.tensor([[token] * 24])).tokens_per_expert[1]
+        load = graph_b2.placement.actor_load(1, counts)
+        return float(load.max() / load.mean())
+
+    # A skewed synthetic load: the one token whose repetition loads one actor the most.
+    hot = max(range(CONFIG_B.vocab_size), key=actor_imbalance)
+    skewed = [[hot] * 24, [hot] * 20 + [4] * 4]
+    expected = local.generate(skewed, NEW_TOKENS)
+    ray.get(router.reset_stats.remote())
+    assert generate(graph_b2, skewed) == expected
+    before = ray.get(router.load_stats.remote())["layers"]["1"]
+
+    placement = ray.get(router.rebalance.remote(extra_copies=2))
+    assert any(len(actors) > 1 for actors in placement["copies"][1])
+    held = [ray.get(actor.held.remote())[1] for actor in graph_b2.experts]
+    assert held == [[e for e, actors in enumerate(placement["copies"][1]) if a in actors] for a in range(2)]
+
+    assert generate(graph_b2, skewed) == expected
+    after = ray.get(router.load_stats.remote())["layers"]["1"]
+    assert after["tokens_per_expert"] == before["tokens_per_expert"]  # same work, spread differently
+    assert after["imbalance"] < before["imbalance"]
+
+
+def test_compiled_graph_falls_back_when_an_expert_dies_and_recompiles(ray_cluster, tiny_checkpoints):
+    folder = tiny_checkpoints["B"]
+    expected = reference_tokens(folder)
+    graph = make_graph(folder, "failover", 2, transport="compiled")
+    router = graph.routers[0]
+    try:
+        assert generate(graph) == expected
+        ray.kill(graph.experts[1], no_restart=False)  # Ray restarts it; the compiled graph dies with it
+        assert generate(graph) == expected  # served through the object store meanwhile
+        description = ray.get(router.describe.remote())
+        assert description["compiled_failures"] >= 1
+        deadline = time.monotonic() + 120
+        while not description["compiled_healthy"]:
+            assert time.monotonic() < deadline, "the compiled graph was never rebuilt"
+            assert generate(graph) == expected
+            description = ray.get(router.describe.remote())
+        assert generate(graph) == expected
+        assert ray.get(router.load_stats.remote())["transport"] == "compiled"
+    finally:
+        ray.get(router.set_transport.remote("objectstore"))
+        graph.teardown()
