@@ -20,7 +20,8 @@ from torch import Tensor
 from cluster.load_stats import LoadStats
 from cluster.placement import Placement
 from cluster.spec import ClusterSpec
-from model import DeepseekV2ForCausalLM
+from model import DeepseekV2ForCausalLM, LatentCache, RaggedBatch
+from model.sampling import SamplingParams, sample_one
 
 from .transport import CompiledGraphTransport, ObjectStoreTransport, RemoteExperts
 
@@ -44,6 +45,7 @@ class RouterActor:
         self.compiled: CompiledGraphTransport | None = None
         self.experts = RemoteExperts(self.objectstore, placement_, self.stats)
         self.model.set_expert_backend(self.experts)
+        self.cache: LatentCache | None = None
         if self.spec.transport == "compiled":
             self._on_worker(self._use_transport, "compiled")
 
@@ -95,6 +97,46 @@ class RouterActor:
                 return self.model(input_ids).logits
 
         return await self._step(run)
+
+    # ---- serving: the paged latent cache and one continuous-batching step ---------------------------
+    async def init_cache(self, num_blocks: int, block_size: int) -> dict:
+        """Allocate this router's block pool (the cache manager decides who owns which block)."""
+        dtype = next(self.model.parameters()).dtype
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype)
+        return {"bytes": self.cache.nbytes, "bytes_per_token": LatentCache.bytes_per_token(self.model.config, dtype)}
+
+    async def step(self, sequences: list[dict]) -> list[dict | None]:
+        """One forward over several sequences' new tokens (prefill chunks and decode tokens together).
+        Each item: tokens, start (position of its first token), block_table, and `sample` (params,
+        output_tokens, choice) when the next token is wanted. Returns the sampled tokens."""
+        return await self._step(self._run_step, sequences)
+
+    def _run_step(self, sequences: list[dict]) -> list[dict | None]:
+        width = max(len(s["block_table"]) for s in sequences)
+        tables = torch.tensor([s["block_table"] + [0] * (width - len(s["block_table"])) for s in sequences])
+        batch = RaggedBatch(tables, [s["start"] for s in sequences], [len(s["tokens"]) for s in sequences])
+        input_ids = torch.tensor([t for s in sequences for t in s["tokens"]])[None]
+        with torch.no_grad():
+            logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
+        results: list[dict | None] = []
+        for row, seq in enumerate(sequences):
+            sample = seq.get("sample")
+            if sample is None:
+                results.append(None)
+                continue
+            params = SamplingParams.model_validate(sample["params"])
+            results.append(sample_one(logits[row], params, sample["output_tokens"], sample.get("choice", 0)).model_dump())
+        return results
+
+    async def export_blocks(self, block_ids: list[int]) -> Tensor:
+        return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))
+
+    async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
+        await self._step(self.cache.import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
+
+    async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        sources, targets = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
+        await self._step(self.cache.copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
     async def forward_backward(self, input_ids: Tensor, output_weights: Tensor) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
 """DeepSeek-V2 (MLA + DeepSeekMoE) in plain PyTorch, weight-compatible with Hugging Face checkpoints."""
 
-from .cache import CacheBatch, LatentCache
+from .cache import CacheBatch, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
 from .moe import ExpertBackend, LocalExperts, PendingExperts
 from .transformer import CausalLMOutput, DeepseekV2ForCausalLM
@@ -14,4 +14,5 @@ __all__ = [
     "LatentCache",
     "LocalExperts",
     "PendingExperts",
+    "RaggedBatch",
 ]

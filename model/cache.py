@@ -53,6 +53,49 @@ class CacheBatch:
         return self._contiguous
 
 
+@dataclass
+class RaggedBatch:
+    """Several sequences' new tokens flattened into one row (continuous batching): sequence i brings
+    seq_lens[i] tokens (a prefill chunk, or 1 when decoding) at consecutive positions from starts[i]."""
+
+    block_tables: Tensor  # [B, max_blocks] int64
+    starts: list[int]
+    seq_lens: list[int]
+
+    def __post_init__(self):
+        self.offsets = [0]
+        for n in self.seq_lens:
+            self.offsets.append(self.offsets[-1] + n)
+        self.positions = torch.cat(
+            [torch.arange(start, start + n) for start, n in zip(self.starts, self.seq_lens)]
+        ).to(self.block_tables.device)  # [N]
+        self.row_of = torch.repeat_interleave(
+            torch.arange(len(self.seq_lens), device=self.block_tables.device),
+            torch.tensor(self.seq_lens, device=self.block_tables.device),
+        )  # [N]: the sequence each token belongs to
+
+    def slots(self, block_size: int) -> Tensor:
+        """[N] flat slot of every new token."""
+        blocks = self.block_tables[self.row_of, self.positions // block_size]
+        return blocks * block_size + self.positions % block_size
+
+    @property
+    def last_tokens(self) -> Tensor:
+        """[B] flat index of each sequence's last new token."""
+        return torch.tensor(self.offsets[1:], device=self.block_tables.device) - 1
+
+    def decoding(self) -> list[int]:
+        return [i for i, n in enumerate(self.seq_lens) if n == 1]
+
+    def prefilling(self) -> list[int]:
+        return [i for i, n in enumerate(self.seq_lens) if n > 1]
+
+    def sub_batch(self, rows: list[int]) -> CacheBatch:
+        """These sequences as a rectangular batch (they must bring equally many tokens)."""
+        positions = torch.stack([self.positions[self.offsets[i] : self.offsets[i + 1]] for i in rows])
+        return CacheBatch(self.block_tables[rows], positions)
+
+
 class LatentCache:
     """Per layer a pool of blocks [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
 
@@ -93,11 +136,11 @@ class LatentCache:
         cache = cls(config, batch * width, block_size, **kwargs)
         return cache, torch.arange(batch * width, device=cache.pools.device).view(batch, width)
 
-    def write(self, layer: int, batch: CacheBatch, c_kv: Tensor, k_rope: Tensor) -> None:
-        """c_kv [B, S, d_c] (normalised), k_rope [B, S, d_R] (roped) into the new tokens' slots."""
+    def write(self, layer: int, batch: CacheBatch | RaggedBatch, c_kv: Tensor, k_rope: Tensor) -> None:
+        """c_kv [..., d_c] (normalised), k_rope [..., d_R] (roped) into the new tokens' slots."""
         pool = self.pools[layer].view(-1, self.pools.shape[-1])
         latent = torch.cat((c_kv, k_rope), dim=-1).to(pool.dtype)
-        pool.index_copy_(0, batch.slots(self.block_size).flatten(), latent.flatten(0, 1))
+        pool.index_copy_(0, batch.slots(self.block_size).flatten(), latent.reshape(-1, latent.shape[-1]))
 
     def read(self, layer: int, batch: CacheBatch) -> Tensor:
         """The context of every sequence: [B, T, d_c + d_R], T = batch.context_len."""
@@ -115,3 +158,7 @@ class LatentCache:
 
     def import_blocks(self, block_ids: Tensor, data: Tensor) -> None:
         self.pools[:, block_ids] = data.to(self.pools.dtype)
+
+    def copy_blocks(self, sources: Tensor, targets: Tensor) -> None:
+        """Copy-on-write of shared partial blocks."""
+        self.pools[:, targets] = self.pools[:, sources]

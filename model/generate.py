@@ -11,31 +11,10 @@ import torch
 from torch import Tensor
 
 from .cache import CacheBatch, LatentCache
+from .sampling import SamplingParams, sample_one
 
 if TYPE_CHECKING:
     from .transformer import DeepseekV2ForCausalLM
-
-def sample(
-    logits: Tensor,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
 
 @torch.no_grad()
 def generate(
@@ -49,7 +28,9 @@ def generate(
     eos_token_id: int | None = None,
     block_size: int = 16,
 ) -> list[list[int]]:
-    """The new tokens of each prompt (stopping after eos_token_id when given)."""
+    """The new tokens of each prompt (stopping after eos_token_id when given). With a seed, prompt b
+    samples as choice b of that seed."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -58,7 +39,6 @@ def generate(
     cache, block_tables = LatentCache.for_batch(
         model.config, len(prompts), max(lengths) + max_new_tokens, block_size, dtype=dtype, device=device
     )
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # Prefill: one batched forward when the prompts are equally long, else one per prompt.
     if len(set(lengths)) == 1:
@@ -76,7 +56,10 @@ def generate(
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     positions = torch.tensor(lengths, device=device)[:, None]
     for step in range(max_new_tokens):
-        tokens = sample(last_logits, temperature, top_k, top_p, generator)
+        tokens = torch.tensor(
+            [sample_one(last_logits[b], params, outputs[b], choice=b).token for b in range(len(prompts))],
+            device=device,
+        )
         for b in (~finished).nonzero().flatten().tolist():
             outputs[b].append(int(tokens[b]))
         if eos_token_id is not None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import CacheBatch, LatentCache
+from .cache import CacheBatch, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -27,7 +27,7 @@ class AttentionInputs:
     cos: Tensor  # [B, S, d_R/2]
     sin: Tensor  # [B, S, d_R/2]
     cache: LatentCache | None = None
-    cache_batch: CacheBatch | None = None
+    cache_batch: CacheBatch | RaggedBatch | None = None
     mask: Tensor | None = None  # [B, S, T] bool; None = causal over the new tokens only
     absorb: bool = False
 
@@ -70,6 +70,9 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         q_nope, q_rope = self._queries(x, inputs)
         c_kv, k_rope = self._latent(x, inputs)
+        if isinstance(inputs.cache_batch, RaggedBatch):
+            inputs.cache.write(self.layer_idx, inputs.cache_batch, c_kv, k_rope)
+            return self.o_proj(self._ragged(q_nope[0], q_rope[0], inputs).flatten(-2))[None]
         if inputs.cache is None:
             latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_R]
         else:
@@ -78,6 +81,26 @@ class MultiHeadLatentAttention(nn.Module):
         attend = self._absorbed if inputs.absorb else self._expanded
         out = attend(q_nope, q_rope, latent, inputs.mask)
         return self.o_proj(out.flatten(-2))  # [B, S, H·d_v] -> [B, S, d]
+
+    def _ragged(self, q_nope: Tensor, q_rope: Tensor, inputs: AttentionInputs) -> Tensor:
+        """Flattened tokens [N, H, ·] of several sequences: decoding ones attend together on the absorbed
+        path, each prefill chunk on the expanded path over its cached prefix."""
+        batch: RaggedBatch = inputs.cache_batch
+        out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)  # [N, H, d_v]
+        decoding = batch.decoding()
+        if decoding:
+            tokens = torch.tensor([batch.offsets[i] for i in decoding])
+            sub = batch.sub_batch(decoding)
+            latent = inputs.cache.read(self.layer_idx, sub)
+            out[tokens] = self._absorbed(
+                q_nope[tokens, None], q_rope[tokens, None], latent, sub.attention_mask()
+            )[:, 0]
+        for i in batch.prefilling():
+            tokens = slice(batch.offsets[i], batch.offsets[i + 1])
+            sub = batch.sub_batch([i])
+            latent = inputs.cache.read(self.layer_idx, sub)
+            out[tokens] = self._expanded(q_nope[None, tokens], q_rope[None, tokens], latent, sub.attention_mask())[0]
+        return out
 
     def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)

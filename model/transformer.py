@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .cache import CacheBatch, LatentCache
+from .cache import CacheBatch, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
 from .generate import generate
 from .mla import AttentionInputs, MultiHeadLatentAttention
@@ -90,13 +90,18 @@ class DeepseekV2ForCausalLM(nn.Module):
         input_ids: Tensor,
         positions: Tensor | None = None,
         cache: LatentCache | None = None,
-        cache_batch: CacheBatch | None = None,
+        cache_batch: CacheBatch | RaggedBatch | None = None,
         absorb: bool | None = None,
+        logits_at: Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]. With a cache, cache_batch says where the tokens go and what they see;
-        absorb defaults to the weight-absorbed path for single-token decode steps."""
+        absorb defaults to the weight-absorbed path for single-token decode steps. A RaggedBatch takes
+        input_ids [1, N] (several sequences flattened). logits_at [n]: compute logits only at these
+        token indices of the last dimension (logits [B, n, V])."""
         batch, seq = input_ids.shape
-        if cache is not None:
+        if isinstance(cache_batch, RaggedBatch):
+            positions = cache_batch.positions[None]
+        elif cache is not None:
             positions = cache_batch.positions
         elif positions is None:
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
@@ -106,7 +111,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             sin=sin,
             cache=cache,
             cache_batch=cache_batch,
-            mask=None if cache is None else cache_batch.attention_mask(),
+            mask=None if cache is None or isinstance(cache_batch, RaggedBatch) else cache_batch.attention_mask(),
             absorb=(cache is not None and seq == 1) if absorb is None else absorb,
         )
         x = self.model.embed_tokens(input_ids)
@@ -115,6 +120,8 @@ class DeepseekV2ForCausalLM(nn.Module):
             x, moe = layer(x, inputs)
             if moe is not None:
                 moe_outputs[layer_idx] = moe
+        if logits_at is not None:
+            x = x[:, logits_at]
         logits = self.lm_head(self.model.norm(x))
         return CausalLMOutput(
             logits=logits,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import CacheBatch, LatentCache
+from model import CacheBatch, LatentCache, RaggedBatch
 
 from .reference import CONFIG_A, CONFIG_B, random_model
 
@@ -78,3 +78,28 @@ def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     eos = first[0][2]
     stopped = model.generate([[1, 2, 3]], seed=7, eos_token_id=eos, **kwargs)[0]
     assert stopped == first[0][: first[0].index(eos) + 1]
+
+
+@torch.no_grad()
+def test_ragged_batches_mixing_prefill_chunks_and_decodes_equal_full_forward():
+    """Continuous batching: one forward holds decode tokens of some sequences and prefill chunks of others."""
+    config = CONFIG_B
+    model = random_model(config, seed=4)
+    lengths = [13, 9, 21]
+    sequences = [torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    full = [model(seq[None]).logits[0] for seq in sequences]
+    cache = LatentCache(config, num_blocks=12, block_size=4)
+    tables = torch.tensor([[9, 2, 0, 5, 0, 0], [1, 11, 4, 0, 0, 0], [3, 7, 6, 10, 8, 0]])  # scattered blocks
+    done = [0, 0, 0]
+    schedule = [[5, 0, 7], [1, 4, 7], [1, 5, 7], [6, 0, 0], [0, 0, 0]]  # tokens each sequence brings per step
+    for step in schedule:
+        rows = [i for i, n in enumerate(step) if n]
+        if not rows:
+            break
+        batch = RaggedBatch(tables[rows], [done[i] for i in rows], [step[i] for i in rows])
+        ids = torch.cat([sequences[i][done[i] : done[i] + step[i]] for i in rows])[None]
+        out = model(ids, cache=cache, cache_batch=batch, logits_at=batch.last_tokens)
+        for k, i in enumerate(rows):
+            done[i] += step[i]
+            torch.testing.assert_close(out.logits[0, k], full[i][done[i] - 1], atol=1e-5, rtol=0)
+    assert done == lengths
