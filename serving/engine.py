@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -122,6 +123,7 @@ class Engine:
         self.detokenize = detokenize
         self.eos_token_ids = set(eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self.prefill_tokens = 0  # prompt tokens actually computed (the rest came from the cache)
         self.waiting: list[_Choice] = []
         self.running: list[_Choice] = []
         self._wakeup = asyncio.Event()
@@ -144,7 +146,7 @@ class Engine:
         await asyncio.gather(*(r.init_cache.remote(num_blocks, config.block_size) for r in graph.routers))
         manager = (
             ray.remote(LatentKVCacheManager)
-            .options(name=f"{graph.spec.name}-kv-cache", namespace=NAMESPACE, num_cpus=0, get_if_exists=False)
+            .options(name=f"{graph.spec.name}-kv-cache-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE, num_cpus=0)
             .remote(
                 graph.routers,
                 num_blocks,
@@ -202,7 +204,13 @@ class Engine:
         cache, experts = await asyncio.gather(
             self.manager.stats.remote(), self.graph.routers[0].load_stats.remote()
         )
-        return {"queue_depth": len(self.waiting), "running": len(self.running), "cache": cache, "experts": experts}
+        return {
+            "queue_depth": len(self.waiting),
+            "running": len(self.running),
+            "prefill_tokens": self.prefill_tokens,
+            "cache": cache,
+            "experts": experts,
+        }
 
     async def shutdown(self) -> None:
         self._loop_task.cancel()
@@ -297,6 +305,7 @@ class Engine:
                     continue
                 remaining = choice.prompt[choice.prefilled :]
                 tokens, start = remaining[:budget], choice.prefilled
+                self.prefill_tokens += len(tokens)
             budget -= len(tokens)
             completes_prompt = choice.next_input is not None or start + len(tokens) == len(choice.prompt)
             spec = choice.request.spec
@@ -356,7 +365,8 @@ class Engine:
             return
         choice.done = True
         self.running.remove(choice)
-        self.manager.finish.remote(choice.seq_id, choice.prompt + choice.output)
+        # The last sampled token was never fed back, so the cache holds every token but that one.
+        self.manager.finish.remote(choice.seq_id, (choice.prompt + choice.output)[:-1])
         request = choice.request
         if all(c.done for c in request.choices):
             request.finished = True
