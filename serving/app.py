@@ -1,0 +1,298 @@
+"""The Serve application: `serve run serving.app:build model=checkpoints/tiny-random`, a Serve config
+(`serve run serving/configs/tiny.yaml`, the same YAML a RayService embeds), or `moeray serve`.
+
+Two deployments:
+- `EngineServer` (one replica): attaches to the actor graph named `name` (or creates it, detached, when
+  none runs), holds the continuous-batching `Engine`, and streams token batches to the ingress. It
+  measures TTFT / time per output token and publishes queue, cache and expert gauges.
+- `OpenAIServer` (autoscaled): the FastAPI ingress of `serving.openai_api`, which also answers Serve's
+  gRPC proxy (`serving.grpc_api`).
+
+Health checks are cheap and never wait on a model step, so a busy replica is not restarted; a replica
+that is still loading weights is in its constructor, which Serve does not health-check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from ray import serve
+from ray.serve import Application
+
+from .openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIIngress
+from .protocol import APIError, KeyRing, ModelInfo, load_serving_tokenizer, resolve_model_dir
+
+logger = logging.getLogger("ray.serve")
+
+ENGINE_DEPLOYMENT = "EngineServer"
+INGRESS_DEPLOYMENT = "OpenAIServer"
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build` (from `serve run ... key=value`, a config's `args:`, or Python)."""
+
+    model: str = Field(description="model folder (config.json + safetensors [+ tokenizer.json])")
+    name: str = Field("moeray", description="actor-graph name: attach to this graph, or create it")
+    served_model_name: str | None = Field(None, description="the `model` clients ask for; default: folder name")
+    create_graph: bool = Field(True, description="create the graph (detached) when none runs under `name`")
+    expert_actors: int = Field(2, ge=1)
+    routers: int = Field(1, ge=1)
+    cpus_per_actor: float | None = Field(None, gt=0)
+    cpu_threads_per_actor: int = Field(1, ge=1)
+    transport: Literal["objectstore", "compiled"] = "objectstore"
+    engine: dict = Field(default_factory=dict, description="serving.engine.EngineConfig fields")
+    api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
+    tokenizer: Literal["auto", "bundled", "none"] = "auto"
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not say")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(32, gt=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    ingress_num_cpus: float = Field(0.0, ge=0)
+    coalesce_s: float = Field(0.02, ge=0, description="under load, gather tokens this long per streamed chunk")
+    busy_streams: int = Field(8, ge=0, description="'under load' = more open streams than this")
+    stats_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [k for k in value.split(",") if k] if isinstance(value, str) else value
+
+
+# ---- the engine replica -------------------------------------------------------------------------
+class EngineServerImpl:
+    async def __init__(self, settings: dict):
+        from cluster.graph import ActorGraph
+        from cluster.spec import ClusterSpec
+        from model import DeepseekV2Config
+        from serving.engine import Engine, EngineConfig
+
+        from .metrics import EngineMetrics
+
+        args = AppArgs.model_validate(settings)
+        model_dir = resolve_model_dir(args.model)
+        config = DeepseekV2Config.from_pretrained(model_dir)
+        self.created_graph = False
+        try:
+            graph = ActorGraph.find(args.name)
+        except ValueError:
+            if not args.create_graph:
+                raise RuntimeError(f"no actor graph named {args.name!r} is running") from None
+            spec = ClusterSpec(
+                model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
+                cpus_per_actor=args.cpus_per_actor, cpu_threads_per_actor=args.cpu_threads_per_actor,
+                transport=args.transport, detached=True,
+            )
+            graph = ActorGraph.create(spec)
+            self.created_graph = True
+        if Path(graph.spec.model).resolve() != model_dir.resolve():
+            raise RuntimeError(f"the graph {args.name!r} serves {graph.spec.model}, not {model_dir}")
+        self.graph = graph
+        tokenizer = load_serving_tokenizer(model_dir, args.tokenizer, config.vocab_size)
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        eos_ids = {int(t) for t in eos if t is not None}
+        if tokenizer is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        detokenize = None if tokenizer is None else tokenizer.decode
+        self.engine = await Engine.create(graph, EngineConfig(**args.engine), detokenize, sorted(eos_ids))
+        max_len = getattr(self.engine, "max_model_len", None) or min(
+            args.engine.get("max_model_len") or config.max_position_embeddings, config.max_position_embeddings
+        )
+        self.model_info = ModelInfo(
+            name=args.served_model_name or model_dir.name,
+            max_model_len=max_len,
+            vocab_size=config.vocab_size,
+            created=int(time.time()),
+            eos_token_ids=sorted(eos_ids),
+            has_tokenizer=tokenizer is not None,
+        )
+        self.coalesce_s, self.busy_streams = args.coalesce_s, args.busy_streams
+        self.open_streams = 0
+        self.metrics = EngineMetrics(self.model_info.name)
+        self._stats_interval = args.stats_interval_s
+        self._stats_task = asyncio.create_task(self._publish_stats())
+        logger.info("moeray engine ready: %s on graph %r (%d expert actors)", self.model_info.name, args.name,
+                    graph.spec.expert_actors)
+
+    async def info(self) -> dict:
+        return self.model_info.model_dump()
+
+    async def stats(self) -> dict:
+        stats = await self.engine.stats()
+        return {**stats, "open_streams": self.open_streams, "model": self.model_info.name}
+
+    async def check_health(self) -> None:
+        """Cheap: never waits on a step. Unhealthy only when the engine's scheduling loop has died."""
+        loop_task = getattr(self.engine, "_loop_task", None)
+        if loop_task is not None and loop_task.done():
+            raise RuntimeError("the engine loop stopped")
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """Batches of {"events": [TokenEvent dicts], "usage": dict | None} (usage only in the last one),
+        or one {"error": {...}} instead of the first batch when the request is refused."""
+        from serving.engine import EngineError, GenerationRequest, TokenEvent, Usage
+
+        try:
+            spec = GenerationRequest.model_validate(request)
+        except ValidationError as error:
+            yield {"error": APIError(400, str(error.errors(include_url=False)[0]["msg"])).to_dict()}
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                async for item in self.engine.generate(spec):
+                    queue.put_nowait(item)
+            except EngineError as error:
+                queue.put_nowait(_engine_error(error))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # never a client's fault
+                logger.exception("engine generate failed")
+                queue.put_nowait(APIError(500, f"internal error: {error}", "server_error"))
+            queue.put_nowait(end)
+
+        started = time.monotonic()
+        first_at = last_at = None
+        completion_tokens = 0
+        outcome = "cancelled"
+        task = asyncio.create_task(pump())
+        self.open_streams += 1
+        try:
+            while True:
+                items = [await queue.get()]
+                if self.open_streams > self.busy_streams and self.coalesce_s:
+                    await asyncio.sleep(self.coalesce_s)  # under load: a few tokens per chunk
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                events, usage, error, finished = [], None, None, False
+                for item in items:
+                    if isinstance(item, TokenEvent):
+                        events.append(item.model_dump())
+                    elif isinstance(item, Usage):
+                        usage = item.model_dump()
+                    elif isinstance(item, APIError):
+                        error = item
+                    elif item is end:
+                        finished = True
+                if events:
+                    last_at = time.monotonic()
+                    first_at = first_at or last_at
+                    completion_tokens += len(events)
+                if events or usage is not None:
+                    yield {"events": events, "usage": usage}
+                if error is not None:
+                    outcome = "error" if error.status >= 500 else "refused"
+                    yield {"error": error.to_dict()}
+                    return
+                if usage is not None:
+                    outcome = "ok"
+                    self._record(spec, usage, started, first_at, last_at)
+                    return
+                if finished:
+                    outcome = "error"
+                    yield {"error": APIError(500, "the engine ended without usage", "server_error").to_dict()}
+                    return
+        finally:
+            self.open_streams -= 1
+            self.metrics.finished.inc(1, {"outcome": outcome})
+            if not task.done():
+                task.cancel()
+
+    def _record(self, spec, usage: dict, started: float, first_at, last_at) -> None:
+        m = self.metrics
+        try:
+            for counter, value in ((m.prompt_tokens, usage["prompt_tokens"]), (m.cached_tokens, usage["cached_tokens"]),
+                                   (m.completion_tokens, usage["completion_tokens"])):
+                if value > 0:  # ray counters refuse 0
+                    counter.inc(value)
+            if first_at is not None:
+                m.ttft.observe(first_at - started)
+                per_choice = usage["completion_tokens"] / max(1, spec.n)
+                if per_choice > 1:
+                    m.tpot.observe((last_at - first_at) / (per_choice - 1))
+        except Exception as error:  # metrics never fail a request
+            logger.warning("moeray: could not record metrics: %r", error)
+
+    async def _publish_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self._stats_interval)
+            try:
+                self.metrics.publish(await self.engine.stats(), self.open_streams)
+            except Exception as error:  # statistics never take the server down
+                logger.warning("moeray: could not publish engine stats: %r", error)
+
+    async def __del__(self):
+        self._stats_task.cancel()
+        await self.engine.shutdown()
+
+
+def _engine_error(error: Exception) -> APIError:
+    status = getattr(error, "status", 400)
+    kind = getattr(error, "type", "invalid_request_error")
+    message = str(error) or type(error).__name__
+    if status < 500 and message.startswith("internal error"):  # the engine's step failed: not the client's fault
+        status, kind = 500, "server_error"
+    param = "messages" if getattr(error, "code", None) == "context_length_exceeded" else None
+    return APIError(status, message, kind, param, getattr(error, "code", None))
+
+
+# ---- the deployments and the builder ------------------------------------------------------------
+_HEALTH = dict(health_check_period_s=10, health_check_timeout_s=60)
+
+EngineServer = serve.deployment(
+    EngineServerImpl,
+    name=ENGINE_DEPLOYMENT,
+    num_replicas=1,
+    max_ongoing_requests=4096,  # the engine queues and answers 429 itself (EngineConfig.max_queue)
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 0},
+    **_HEALTH,
+)
+
+OpenAIServer = serve.deployment(
+    OpenAIIngress,
+    name=INGRESS_DEPLOYMENT,
+    graceful_shutdown_timeout_s=30,
+    **_HEALTH,
+)
+
+
+def build(args: dict | AppArgs) -> Application:
+    """The Serve application for `serve run serving.app:build model=DIR [key=value ...]`."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    model_dir = resolve_model_dir(args.model)
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"{args.model} is not a model folder (no config.json)")
+    settings = args.model_dump()
+    settings["model"] = str(model_dir)
+    # Keys never travel as plain text: the ingress gets the digests of the keys given here and of
+    # MOERAY_API_KEYS where the application is built, and reads MOERAY_API_KEYS on its own node too.
+    ingress_settings = {
+        "model_dir": str(model_dir),
+        "tokenizer": args.tokenizer,
+        "default_max_tokens": args.default_max_tokens,
+        "max_body_bytes": args.max_body_bytes,
+        "api_key_digests": sorted(KeyRing(args.api_keys).digests),
+    }
+    settings["api_keys"] = []
+    ingress = OpenAIServer.options(
+        autoscaling_config={
+            "min_replicas": args.min_replicas,
+            "initial_replicas": max(1, args.min_replicas),
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+        },
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+    )
+    return ingress.bind(EngineServer.bind(settings), ingress_settings)
