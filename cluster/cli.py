@@ -76,6 +76,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(result.get("text", " ".join(map(str, token_ids))))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.launch import serve_forever
+
+    if args.expert_actors < 1 or args.routers < 1:
+        raise CliError("--expert-actors and --routers must be at least 1")
+    serve_forever(_model_dir(args.model), args.expert_actors, args.routers, args.host, args.port, args.grpc_port,
+                  args.api_key or [], args.name, args.served_model_name)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from serving.launch import quickstart
+
+    quickstart(_model_dir(args.model) if args.model else None, args.expert_actors, args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description="DeepSeek-V2 MoE serving and training on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--eos-token-id", type=int, default=None)
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model folder: OpenAI-compatible HTTP + gRPC on Ray Serve")
+    srv.add_argument("--model", required=True)
+    srv.add_argument("--expert-actors", type=int, default=2)
+    srv.add_argument("--routers", type=int, default=1)
+    srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--api-key", action="append", help="repeatable; also MOERAY_API_KEYS; default: a generated key")
+    srv.add_argument("--name", default="moeray", help="actor-graph name (joins a running graph of that name)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients use; default: folder name")
+    srv.set_defaults(func=cmd_serve)
+
+    quick = sub.add_parser("quickstart", help="embedded Ray + the bundled model + a few streamed OpenAI requests")
+    quick.add_argument("--model", default=None, help="default: the bundled checkpoint")
+    quick.add_argument("--expert-actors", type=int, default=2)
+    quick.add_argument("--max-tokens", type=int, default=24)
+    quick.set_defaults(func=cmd_quickstart)
     return parser
 
 
