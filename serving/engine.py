@@ -326,7 +326,7 @@ class Engine:
                 continue
             if choice.next_input is None:
                 choice.prefilled += n_tokens
-                if choice.prefilled == len(choice.prompt) and choice.request.spec.n > 1 and choice.index == 0:
+                if choice.prefilled == len(choice.prompt):  # later arrivals (and choices 1..n-1) share it now
                     self.manager.register_prefix.remote(choice.seq_id, choice.prompt)
                     self._wakeup.set()
             if result is not None:

@@ -175,3 +175,32 @@ def test_sessions_belong_to_their_owner_and_bad_requests_fail_clearly(graph):
 
     cache = run(graph, body)
     assert cache["running_sequences"] == 0
+
+
+def test_two_routers_keep_session_affinity_and_move_sessions(ray_cluster, tiny_checkpoints, reference):
+    graph = ActorGraph.create(
+        ClusterSpec(model=str(tiny_checkpoints["B"]), name="engine-2r", routers=2, expert_actors=2, cpus_per_actor=0.4)
+    )
+
+    async def body(engine):
+        histories = {s: [s + 1, 9, 2, 6, 5, 3, 5] for s in range(4)}
+        homes = {}
+        for turn in range(3):
+            for s, history in histories.items():
+                tokens, usage = await complete(engine, f"{s}-{turn}", history, 3, sampling=GREEDY, owner="k", session_id=f"s{s}")
+                assert tokens[0] == reference(history, 3)
+                home = await engine.manager.session_router.remote("k", f"s{s}")
+                assert homes.setdefault(s, home) == home  # every turn lands where the session's blocks are
+                histories[s] = history + tokens[0] + [4, 4]
+        assert set(homes.values()) == {0, 1}  # sessions spread over both routers
+        await engine.manager.move_session.remote("k", "s0", 1 - homes[0])
+        tokens, usage = await complete(engine, "moved", histories[0], 3, sampling=GREEDY, owner="k", session_id="s0")
+        assert await engine.manager.session_router.remote("k", "s0") == 1 - homes[0]
+        return tokens[0], usage, histories[0]
+
+    try:
+        tokens, usage, history = run(graph, body)
+    finally:
+        graph.teardown()
+    assert tokens == reference(history, 3)
+    assert usage.cached_tokens == len(history) - 3  # the shipped blocks were used, not recomputed
