@@ -48,7 +48,8 @@ class ExpertActor:
         return self.forward(layer, tokens, counts)
 
     def forward_train(self, layer: int, tokens: Tensor, counts: list[int]) -> tuple[Tensor, int]:
-        return self.local.forward(layer, tokens, counts, keep_for_backward=True)
+        with self._train_autocast():
+            return self.local.forward(layer, tokens, counts, keep_for_backward=True)
 
     def backward(self, handle: int, grad_outputs: Tensor) -> Tensor:
         return self.local.backward(handle, grad_outputs)
@@ -106,3 +107,35 @@ class ExpertActor:
             for e, weights in incoming.items():
                 updated[str(e)].load_state_dict(weights)
         self.local.experts[layer] = updated
+
+    # ---- training: mixed precision, checkpoint shards and named optimizer state --------------------
+    # (jobs/trainer.py drives these; the experts' gradients and AdamW state never leave this actor)
+    def set_train_dtype(self, dtype: str) -> None:
+        """bf16 autocast for training forwards (fp32 master weights and AdamW state stay fp32)."""
+        self.train_dtype = dtype
+
+    def _train_autocast(self):
+        from actors.training import autocast
+
+        return autocast(getattr(self, "train_dtype", None))
+
+    def save_shard(self, path: str) -> dict[str, int]:
+        """Write this actor's experts as one safetensors file (HF names); returns name -> bytes."""
+        from actors.training import save_safetensors
+
+        return save_safetensors(self.local.named_parameters(), path)
+
+    def save_optimizer(self, path: str) -> None:
+        """AdamW state keyed by parameter name, so any placement can load its slice back."""
+        from actors.training import fsync, named_optimizer_state
+
+        torch.save(named_optimizer_state(self.optimizer, self.local.named_parameters()), path)
+        fsync(path)
+
+    def load_optimizer(self, paths: list[str]) -> int:
+        """Take this actor's parameters' AdamW state from named state files; returns how many found."""
+        from actors.training import load_named_optimizer_state
+
+        if self.optimizer is None:
+            raise RuntimeError("configure_optimizer first")
+        return load_named_optimizer_state(self.optimizer, self.local.named_parameters(), paths)

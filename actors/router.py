@@ -154,6 +154,47 @@ class RouterActor:
 
         return await self._step(run)
 
+    # ---- training: next-token steps driven by jobs/trainer.py (dense params; experts step on actors) --
+    async def configure_training(self, lr: float, betas: tuple[float, float], weight_decay: float,
+                                 eps: float = 1e-8, dtype: str = "float32") -> None:
+        from actors.training import DenseTraining
+
+        def run() -> None:
+            self.training = DenseTraining(self.model, lr, betas, weight_decay, eps, dtype)
+
+        await self._step(run)
+
+    async def train_step(self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int) -> dict:
+        """Forward + backward of this rank's rows; returns loss parts, load and the dense grad norm²."""
+        return await self._step(self.training.forward_backward, input_ids, labels, ce_weight, seed)
+
+    async def dense_grads(self) -> dict[str, Tensor]:
+        return await self._step(self.training.grads)
+
+    async def set_dense_grads(self, grads: dict[str, Tensor]) -> None:
+        await self._step(self.training.set_grads, grads)
+
+    async def apply_train_step(self, lr: float, grad_scale: float) -> None:
+        await self._step(self.training.step, lr, grad_scale)
+
+    async def save_dense(self, path: str) -> dict[str, int]:
+        """Write the dense weights (HF names) as one safetensors file; returns name -> bytes."""
+        from actors.training import save_safetensors
+
+        return await self._step(lambda: save_safetensors(self.training.state_dict(), path))
+
+    async def save_dense_optimizer(self, path: str) -> None:
+        await self._step(self.training.save_optimizer, path)
+
+    async def load_dense_optimizer(self, paths: list[str]) -> int:
+        return await self._step(self.training.load_optimizer, paths)
+
+    async def rng_state(self) -> Tensor:
+        return await self._step(torch.get_rng_state)
+
+    async def set_rng_state(self, state: Tensor) -> None:
+        await self._step(torch.set_rng_state, state)
+
     # ---- transports and placement -----------------------------------------------------------------
     async def set_transport(self, name: str) -> str:
         await self._step(self._use_transport, name)

@@ -1,0 +1,143 @@
+"""TrainConfig: the pydantic-validated YAML of a training job, with command-line overrides."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .data import DataConfig
+
+
+class ModelSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = Field("tiny", description="a DeepseekV2Config preset to initialise from")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="config.json keys over the preset")
+    init: str | None = Field(None, description="start from this model folder instead (fine-tuning)")
+    init_seed: int | None = Field(None, description="seed of the random initialisation (default: seed)")
+    tokenizer: str = Field("bundled", description="'bundled' (the built-in char tokenizer) or a folder")
+
+
+class MoETraining(BaseModel):
+    """Balance losses and token dropping (SPEC §2.3-2.4); None keeps the model config's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha1: float | None = Field(None, ge=0, description="expert-level balance loss (aux_loss_alpha)")
+    alpha2: float | None = Field(None, ge=0, description="device-level balance loss")
+    alpha3: float | None = Field(None, ge=0, description="communication balance loss")
+    capacity_factor: float | None = Field(None, gt=0, description="device-level token dropping; None = off")
+    drop_exempt_fraction: float | None = Field(None, ge=0, le=1)
+
+    def config_overrides(self) -> dict[str, Any]:
+        keys = {
+            "alpha1": "aux_loss_alpha",
+            "alpha2": "device_aux_loss_alpha",
+            "alpha3": "comm_aux_loss_alpha",
+            "drop_exempt_fraction": "drop_exempt_fraction",
+        }
+        out = {key: getattr(self, name) for name, key in keys.items() if getattr(self, name) is not None}
+        out["capacity_factor"] = self.capacity_factor
+        return out
+
+
+class Schedule(BaseModel):
+    """Linear warm-up to `lr`, then V2's step decay (× decay_factor at each fraction of the steps in
+    decay_at), cosine down to min_lr_ratio · lr, or constant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["v2_step", "cosine", "constant"] = "v2_step"
+    lr: float = Field(2.4e-4, gt=0)
+    warmup_steps: int = Field(2000, ge=0)
+    decay_at: list[float] = Field(default_factory=lambda: [0.6, 0.9])
+    decay_factor: float = 0.316
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "v2_step":
+            decays = sum(step >= fraction * total_steps for fraction in self.decay_at)
+            return self.lr * self.decay_factor**decays
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arith_heldout: int = Field(0, ge=0, description="held-out arithmetic questions to score at the end (0 = none)")
+    max_new_tokens: int = 8
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = "runs/sft"
+    model: ModelSource = Field(default_factory=ModelSource)
+    moe: MoETraining = Field(default_factory=MoETraining)
+    data: DataConfig = Field(default_factory=DataConfig)
+    seq_len: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=1, description="rows per optimizer step, split over the routers")
+    steps: int = Field(100, ge=1)
+    schedule: Schedule = Field(default_factory=Schedule)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    eps: float = 1e-8
+    grad_clip: float | None = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    # The actor graph. expert_actors = 0 trains in this one process, without Ray.
+    routers: int = Field(1, ge=1)
+    expert_actors: int = Field(2, ge=0)
+    cpus_per_actor: float | None = Field(None, gt=0)
+    cpu_threads_per_actor: int = Field(1, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads of the driver (one-process training)")
+    # Checkpoints, logs, export.
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+    plot: bool = True
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export_dir: str | None = Field(None, description="also write the final model (HF folder + tokenizer) here")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.batch_size % self.routers:
+            raise ValueError(f"batch_size={self.batch_size} must split evenly over routers={self.routers}")
+        if self.expert_actors == 0 and self.routers != 1:
+            raise ValueError("one-process training (expert_actors=0) has one rank")
+        if self.model.init is None and self.model.preset is None:
+            raise ValueError("model: give a preset or an init folder")
+        return self
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ValueError(f"cannot set {dotted}: {key} is not a mapping")
+    data[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(value))
+    return TrainConfig.model_validate(data)

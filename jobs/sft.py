@@ -1,0 +1,293 @@
+"""Pretraining and supervised fine-tuning on the actor graph.
+
+    python -m jobs.sft --config jobs/configs/arith-tiny.yaml [--resume] [--set steps=50 ...]
+    ray job submit --working-dir . -- python -m jobs.sft --config jobs/configs/smoke.yaml
+
+Embedded Ray by default (RAY_ADDRESS joins a running cluster; `ray job submit` sets it); with
+expert_actors: 0 it trains in this one process without Ray. The run folder gets metrics.jsonl (one
+line per step), training.png (loss curves and the expert-load heatmap), checkpoint-<step>/ folders
+(Hugging Face layout + optimizer states + trainer_state.json) and `latest`. `--resume` continues from
+the newest complete checkpoint: same weights, optimizer state, data position and RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import DeepseekV2Config, DeepseekV2ForCausalLM
+from model.tokenizer import ChatTokenizer
+
+from .config import TrainConfig, load_config
+from .data import TrainingData
+from .trainer import (
+    STATE_FILE,
+    export_model,
+    latest_checkpoint,
+    list_checkpoints,
+    make_trainer,
+    restore_driver_rng,
+    save_checkpoint,
+)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+INIT_DIR = "init"
+
+
+def log(message: str) -> None:
+    print(f"[jobs.sft] {message}", file=sys.stderr, flush=True)
+
+
+# ---- the model to start from ----------------------------------------------------------------------
+
+
+def load_tokenizer(config: TrainConfig, vocab_size: int | None) -> ChatTokenizer:
+    if config.model.tokenizer == "bundled":
+        return ChatTokenizer.bundled(vocab_size)
+    return ChatTokenizer.from_pretrained(config.model.tokenizer)
+
+
+def model_config(config: TrainConfig) -> DeepseekV2Config:
+    if config.model.init is not None:
+        base = DeepseekV2Config.from_pretrained(config.model.init)
+        data = {**base.model_dump(), **config.model.overrides}
+    else:
+        data = {**DeepseekV2Config.preset(config.model.preset).model_dump(), **config.model.overrides}
+    return DeepseekV2Config.model_validate({**data, **config.moe.config_overrides()})
+
+
+def write_init(config: TrainConfig, directory: Path) -> Path:
+    """The step-0 model folder every actor loads its slice from (random init, or a copy of `init`)."""
+    import shutil
+
+    cfg = model_config(config)
+    if directory.exists():
+        shutil.rmtree(directory)
+    if config.model.init is not None:
+        shutil.copytree(config.model.init, directory)
+        cfg.save_pretrained(directory)  # with this run's balance-loss / dropping settings
+    else:
+        seed = config.seed if config.model.init_seed is None else config.model.init_seed
+        DeepseekV2ForCausalLM(cfg).init_weights(seed=seed).save_pretrained(directory)
+    if not (directory / "tokenizer.json").exists():
+        load_tokenizer(config, cfg.vocab_size).save_pretrained(directory)
+    if config.data.source == "arith":
+        (directory / "arith_task.json").write_text(config.data.arith.model_dump_json(indent=2) + "\n")
+    return directory
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per optimizer step. On resume, lines past the checkpoint's step
+    (logged by the interrupted run after its last checkpoint) are dropped."""
+
+    def __init__(self, path: Path, keep_through_step: int):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", 0) <= keep_through_step:
+                    self.records.append(record)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (total, CE, balance losses) and the expert load per MoE layer over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    layers = sorted(records[-1].get("expert_load", {}), key=int)
+    fig, (ax_loss, ax_load) = plt.subplots(2, 1, figsize=(10, 8), gridspec_kw={"height_ratios": [1, 1.2]})
+    ax_loss.plot(steps, [r["loss"] for r in records], label="loss", lw=1)
+    ax_loss.plot(steps, [r["ce"] for r in records], label="cross-entropy", lw=1)
+    for name in ("balance_expert", "balance_device", "balance_comm"):
+        if name in records[-1]:
+            ax_loss.plot(steps, [r[name] for r in records], label=name.replace("_", " "), lw=1)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training loss")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    if layers:
+        rows, labels = [], []
+        for layer in layers:
+            counts = np.array([r["expert_load"][layer] for r in records], dtype=float)  # [steps, E]
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            for e in range(share.shape[1]):
+                rows.append(share[:, e])
+                labels.append(f"L{layer} e{e}")
+        image = ax_load.imshow(np.array(rows), aspect="auto", interpolation="nearest", cmap="viridis",
+                               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
+        ax_load.set_yticks(range(len(rows)))
+        ax_load.set_yticklabels(labels, fontsize=6)
+        ax_load.set_xlabel("step")
+        ax_load.set_title("expert load: share of each MoE layer's token assignments")
+        fig.colorbar(image, ax=ax_load, fraction=0.03)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- the training loop ----------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if not resume and list_checkpoints(run_dir):
+        if not overwrite:
+            raise SystemExit(f"{run_dir} already has checkpoints: pass --resume, --overwrite or another run_dir")
+        import shutil
+
+        for _, path in list_checkpoints(run_dir):
+            shutil.rmtree(path)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    for stale in run_dir.glob("checkpoint-*.tmp"):  # left by a crash mid-write: never complete
+        import shutil
+
+        shutil.rmtree(stale, ignore_errors=True)
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        model_dir, start_step, position = checkpoint, state["step"], state["data_position"]
+        log(f"resuming from {checkpoint} (step {start_step}, data position {position})")
+    else:
+        if resume:
+            log(f"no complete checkpoint in {run_dir}: starting from step 0")
+        model_dir, start_step, position, state = write_init(config, run_dir / INIT_DIR), 0, 0, None
+    tokenizer = ChatTokenizer.from_pretrained(model_dir)
+    data = TrainingData(config.data, tokenizer, config.seq_len, config.seed)
+    batches = data.batches(config.batch_size, position)
+
+    trainer = make_trainer(config, model_dir)
+    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start_step)
+    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    try:
+        if state is not None:
+            trainer.load_optimizer(checkpoint)
+            restore_driver_rng(state["rng"]["driver"])
+            trainer.set_rng_states(state["rng"]["routers"])
+        progress = None
+        if config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=config.steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True)
+        started = time.perf_counter()
+        trained_tokens = 0
+        last_checkpoint = checkpoint
+        for step in range(start_step, config.steps):
+            input_ids, labels, position = next(batches)
+            lr = config.schedule.lr_at(step, config.steps)
+            t0 = time.perf_counter()
+            record = trainer.step(step, input_ids, labels, lr)
+            elapsed = time.perf_counter() - t0
+            trained_tokens += record["tokens"]
+            record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
+            metrics.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, model_dir)
+                if config.plot:
+                    plot(metrics.records, run_dir / PLOT_FILE)
+        if progress is not None:
+            progress.close()
+        wall = time.perf_counter() - started
+        result.update(
+            steps=config.steps,
+            started_at_step=start_step,
+            train_seconds=round(wall, 2),
+            tokens_per_s=round(trained_tokens / wall, 1) if wall > 0 else None,
+            final_loss=metrics.records[-1]["loss"] if metrics.records else None,
+            checkpoint=str(last_checkpoint) if last_checkpoint else None,
+        )
+    finally:
+        metrics.close()
+        trainer.close()
+
+    if config.plot:
+        plot(metrics.records, run_dir / PLOT_FILE)
+    final = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    if final is not None and config.eval.arith_heldout > 0 and config.data.source == "arith":
+        from .eval_arith import evaluate_folder
+
+        evaluation = evaluate_folder(final, config.data.arith, config.eval.arith_heldout, config.eval.max_new_tokens)
+        result["heldout_exact_match"] = evaluation["exact_match"]
+        result["heldout_n"] = evaluation["n"]
+        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+        log(f"held-out exact match {evaluation['exact_match']:.4f} on {evaluation['n']} questions")
+    if final is not None and config.export_dir:
+        export_model(final, Path(config.export_dir))
+        if (run_dir / "eval.json").exists():
+            (Path(config.export_dir) / "eval_results.json").write_text((run_dir / "eval.json").read_text())
+        result["exported"] = config.export_dir
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.sft", description="pretraining / SFT on the actor graph")
+    parser.add_argument("--config", help="YAML file (jobs/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    for flag, key in [("--run-dir", "run_dir"), ("--steps", "steps"), ("--seed", "seed"),
+                      ("--expert-actors", "expert_actors"), ("--routers", "routers"), ("--dtype", "dtype"),
+                      ("--export-dir", "export_dir")]:
+        parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    args = build_parser().parse_args(argv)
+    overrides = list(args.set)
+    for key in ("run_dir", "steps", "seed", "expert_actors", "routers", "dtype", "export_dir"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    config = load_config(args.config, overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
