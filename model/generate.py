@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from .cache import CacheBatch, LatentCache
 from .sampling import SamplingParams, sample_one

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 
 from model import DeepseekV2ForCausalLM
 from model.moe import DeepseekMoE, MoEGate, balance_losses, capacity_mask
@@ -70,17 +69,22 @@ def test_moe_layer_freq_as_the_remote_code_does_it():
 
 
 def test_training_forward_returns_each_weighted_balance_loss():
-    config = CONFIG_B.model_copy(update={"aux_loss_alpha": 0.003, "device_aux_loss_alpha": 0.05, "comm_aux_loss_alpha": 0.02})
+    alphas = {"expert": 0.003, "device": 0.05, "comm": 0.02}
+    config = CONFIG_B.model_copy(
+        update={"aux_loss_alpha": 0.003, "device_aux_loss_alpha": 0.05, "comm_aux_loss_alpha": 0.02}
+    )
     model = DeepseekV2ForCausalLM(config).init_weights(seed=0).train()
-    out = model(torch.randint(0, config.vocab_size, (2, 16)))
-    assert set(out.balance_losses) == {"expert", "device", "comm"}
-    moe = model.moe_layers()[1]
-    x = torch.randn(2, 16, config.hidden_size)
-    raw = moe(x).balance
-    for name, alpha in (("expert", 0.003), ("device", 0.05), ("comm", 0.02)):
-        assert getattr(raw, name).item() > 0
-    assert out.balance_losses["expert"].requires_grad
-    assert model.eval()(torch.randint(0, config.vocab_size, (2, 16))).balance_losses == {}
+    seen = []
+    model.moe_layers()[1].register_forward_hook(lambda module, args, output: seen.append(output.balance))
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    out = model(ids)
+    assert set(out.balance_losses) == set(alphas)
+    for name, alpha in alphas.items():
+        raw = getattr(seen[0], name)
+        assert raw.item() > 0
+        torch.testing.assert_close(out.balance_losses[name], alpha * raw)
+    assert out.balance_losses["expert"].requires_grad  # they train the gate
+    assert model.eval()(ids).balance_losses == {}
 
 
 def test_dropped_assignments_are_not_dispatched():
