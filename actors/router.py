@@ -204,7 +204,7 @@ class RouterActor:
         if name not in ("compiled", "objectstore"):
             raise ValueError(f"unknown transport {name!r}")
         if name == "compiled" and self.compiled is None:
-            self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore)
+            self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore, self.spec.compiled_timeout_s)
         if name == "objectstore" and self.compiled is not None:
             # An idle compiled graph busy-polls its channels: do not keep one that is not used.
             self.compiled.teardown()

@@ -79,9 +79,12 @@ class ObjectStoreTransport(ExpertTransport):
 class CompiledGraphTransport(ExpertTransport):
     """Inference only. Must be built and executed in the one process that owns it (the router)."""
 
-    def __init__(self, actors: list, fallback: ObjectStoreTransport, retry_interval_s: float = 2.0):
+    def __init__(
+        self, actors: list, fallback: ObjectStoreTransport, timeout_s: float = 30.0, retry_interval_s: float = 2.0
+    ):
         self.actors = actors
         self.fallback = fallback
+        self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
         self.graph = None
         self.failures = 0
@@ -90,6 +93,10 @@ class CompiledGraphTransport(ExpertTransport):
 
     def _compile(self) -> None:
         from ray.dag import InputNode, MultiOutputNode
+        from ray.dag.context import DAGContext
+
+        context = DAGContext.get_current()  # Ray's 10 s defaults are too tight for a busy 2-core node
+        context.get_timeout = context.submit_timeout = self.timeout_s
 
         with InputNode() as inputs:
             outputs = [

@@ -21,6 +21,9 @@ class ClusterSpec(BaseModel):
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     transport: Transport = "objectstore"
+    compiled_timeout_s: float = Field(
+        30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
+    )
     detached: bool = Field(False, description="outlive the driver (serving)")
     max_restarts: int = Field(3, ge=-1)
     max_task_retries: int = Field(3, ge=-1)
