@@ -130,8 +130,7 @@ class EngineServerImpl:
 
     async def check_health(self) -> None:
         """Cheap: never waits on a step. Unhealthy only when the engine's scheduling loop has died."""
-        loop_task = getattr(self.engine, "_loop_task", None)
-        if loop_task is not None and loop_task.done():
+        if not self.engine.healthy:
             raise RuntimeError("the engine loop stopped")
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -239,8 +238,6 @@ def _engine_error(error: Exception) -> APIError:
     status = getattr(error, "status", 400)
     kind = getattr(error, "type", "invalid_request_error")
     message = str(error) or type(error).__name__
-    if status < 500 and message.startswith("internal error"):  # the engine's step failed: not the client's fault
-        status, kind = 500, "server_error"
     param = "messages" if getattr(error, "code", None) == "context_length_exceeded" else None
     return APIError(status, message, kind, param, getattr(error, "code", None))
 

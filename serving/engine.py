@@ -85,6 +85,14 @@ class SessionNotFound(EngineError):
     code = "session_not_found"
 
 
+class EngineFailure(EngineError):
+    """A step failed on the server side: never the client's fault."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 _DONE = object()
 
 
@@ -212,6 +220,11 @@ class Engine:
             "experts": experts,
         }
 
+    @property
+    def healthy(self) -> bool:
+        """False once the scheduling loop has stopped (it never stops on a request's failure)."""
+        return not self._loop_task.done()
+
     async def shutdown(self) -> None:
         self._loop_task.cancel()
         for request_id in list(self.requests):
@@ -252,7 +265,7 @@ class Engine:
             except Exception as error:  # never let one failure stop the engine: fail the running requests
                 logger.exception("engine step failed")
                 for choice in list(self.running):
-                    self._fail(choice.request, EngineError(f"internal error: {error}"))
+                    self._fail(choice.request, EngineFailure(f"internal error: {error}"))
 
     async def _admit(self) -> None:
         for choice in list(self.waiting):

@@ -375,13 +375,15 @@ def test_openai_client_raises_typed_errors(server):
 # ---- what needs no server -----------------------------------------------------------------------
 def test_engine_errors_map_to_http_statuses():
     from serving.app import _engine_error
-    from serving.engine import EngineError, Overloaded, PromptTooLong, SessionNotFound
+    from serving.engine import EngineError, EngineFailure, Overloaded, PromptTooLong, SessionNotFound
 
     assert _engine_error(Overloaded("busy")).status == 429
     assert _engine_error(SessionNotFound("no")).status == 404
     too_long = _engine_error(PromptTooLong("long"))
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
-    assert _engine_error(EngineError("internal error: boom")).status == 500
+    assert _engine_error(EngineError("bad")).status == 400
+    failure = _engine_error(EngineFailure("internal error: boom"))
+    assert (failure.status, failure.type) == (500, "server_error")
 
 
 def test_serve_config_yaml_is_valid():
