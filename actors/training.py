@@ -126,13 +126,14 @@ class DenseTraining:
         torch.manual_seed(seed)
         self.model.train()
         try:
-            with autocast(self.dtype):
-                out = self.model(input_ids)
-            logits = out.logits.float()
-            ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-            balance = out.balance_losses
-            loss = ce_sum * ce_weight + sum(balance.values(), torch.zeros((), dtype=logits.dtype))
-            loss.backward()
+            with torch.enable_grad():
+                with autocast(self.dtype):
+                    out = self.model(input_ids)
+                logits = out.logits.float()
+                ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+                balance = out.balance_losses
+                loss = ce_sum * ce_weight + sum(balance.values(), torch.zeros((), dtype=logits.dtype))
+                loss.backward()
         finally:
             self.model.eval()
         config = self.model.config

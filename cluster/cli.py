@@ -91,6 +91,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(_model_dir(args.model) if args.model else None, args.expert_actors, args.max_tokens)
 
 
+def cmd_train_sft(args: argparse.Namespace) -> None:
+    from jobs.sft import main as sft_main
+
+    torch.set_grad_enabled(True)
+    status = sft_main(args.args)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description="DeepSeek-V2 MoE serving and training on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,11 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--expert-actors", type=int, default=2)
     quick.add_argument("--max-tokens", type=int, default=24)
     quick.set_defaults(func=cmd_quickstart)
+
+    train = sub.add_parser("train", help="training jobs on the actor graph (jobs/)")
+    train_jobs = train.add_subparsers(dest="job", required=True)
+    sft = train_jobs.add_parser("sft", add_help=False, help="pretraining / SFT: the arguments of `python -m jobs.sft`")
+    sft.add_argument("args", nargs="*", help="e.g. --config jobs/configs/arith-tiny.yaml [--resume]")
+    sft.set_defaults(func=cmd_train_sft)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["train", "sft"]:  # the job parses its own arguments
+        args = argparse.Namespace(func=cmd_train_sft, args=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         args.func(args)

@@ -32,6 +32,7 @@ IGNORE = -100  # label of a position that is not learned
 class ArithConfig(BaseModel):
     max_operand: int = Field(99, ge=1, description="operands are drawn from 0..max_operand")
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+    negative_results: bool = Field(False, description="also ask a - b with a < b")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="questions never trained on")
     seed: int = 1234
 
@@ -56,7 +57,14 @@ def arith_messages(a: int, op: str, b: int, with_answer: bool = True) -> list[di
 
 def arith_split(config: ArithConfig) -> dict[str, list[tuple[int, str, int]]]:
     """Every question (a, op, b) once, split at random (seeded) into train and heldout."""
-    problems = [(a, op, b) for op in config.ops for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)]
+    operands = range(config.max_operand + 1)
+    problems = [
+        (a, op, b)
+        for op in config.ops
+        for a in operands
+        for b in operands
+        if op != "-" or config.negative_results or a >= b
+    ]
     random.Random(config.seed).shuffle(problems)
     n_heldout = max(1, round(len(problems) * config.heldout_fraction))
     return {"heldout": problems[:n_heldout], "train": problems[n_heldout:]}

@@ -1,0 +1,353 @@
+"""Next-token training: data, the step on the actor graph vs one process, checkpoints, resume, Ray Jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actors.training import step_seed
+from jobs.config import Schedule, TrainConfig, load_config
+from jobs.data import (
+    IGNORE,
+    ArithConfig,
+    DataConfig,
+    Sample,
+    TrainingData,
+    arith_records,
+    arith_split,
+    pack,
+    read_records,
+    shifted_labels,
+    tokenize_record,
+    write_records,
+)
+from model import DeepseekV2ForCausalLM
+from model.checkpoint import load_tensors, tensor_files
+from model.tokenizer import ChatTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ChatTokenizer:
+    return ChatTokenizer.bundled(128)
+
+
+# ---- tokenizer and data (no Ray) ------------------------------------------------------------------
+
+
+def test_bundled_tokenizer_round_trips_and_matches_transformers(tokenizer, tmp_path):
+    import transformers
+
+    messages = [{"role": "user", "content": "What is 37 + 48?"}, {"role": "assistant", "content": "85"}]
+    text = tokenizer.apply_chat_template(messages)
+    assert text == "<bos><|user|>What is 37 + 48?<|assistant|>85<eos>"
+    assert tokenizer.decode(tokenizer.encode("What is 7 - 19? Hello!")) == "What is 7 - 19? Hello!"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = ChatTokenizer.from_pretrained(tmp_path)
+    assert loaded.encode_chat(messages) == tokenizer.encode_chat(messages)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(messages, tokenize=False) == text
+    prompt = hf.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)
+    assert hf(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+
+
+def test_chat_loss_mask_covers_assistant_tokens_only(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "What is 3 * 3?"},
+        {"role": "assistant", "content": "9"},
+    ]
+    ids, mask = tokenizer.encode_chat_with_mask(messages)
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert learned == "4<eos>9<eos>"
+    assert tokenizer.encode_chats_with_masks([messages]) == [(ids, mask)]
+    sample = tokenize_record({"messages": messages}, tokenizer, "chat")
+    assert sample.labels == shifted_labels(ids, mask)
+    assert [t for t in sample.labels if t != IGNORE] == [t for t, m in zip(ids, mask) if m]
+
+
+def test_pretraining_text_learns_every_token_and_long_texts_are_cut(tokenizer):
+    sample = tokenize_record({"text": "abc"}, tokenizer, "text")
+    assert sample.ids[0] == tokenizer.bos_token_id and sample.ids[-1] == tokenizer.eos_token_id
+    assert sample.labels == sample.ids[1:] + [IGNORE]
+    ids, labels = pack([tokenize_record({"text": "x" * 30}, tokenizer, "text")], seq_len=8, pad_id=0)
+    assert ids.shape == (4, 8)  # 32 tokens; the last token of a piece still predicts the next piece's first
+    assert int((labels != IGNORE).sum()) == 31 and labels[0, -1] == ids[1, 0]
+
+
+def test_packing_fills_rows_and_never_learns_across_samples():
+    samples = [Sample([1, 10 + i, 11 + i, 2], shifted_labels([1, 10 + i, 11 + i, 2], [False, False, True, True])) for i in range(5)]
+    ids, labels = pack(samples, seq_len=10, pad_id=0, packing=True)
+    assert ids.shape == (3, 10)  # 2 + 2 + 1 samples of 4 tokens
+    assert ids[0].tolist() == [1, 10, 11, 2, 1, 11, 12, 2, 0, 0]
+    assert labels[0].tolist() == [IGNORE, 11, 2, IGNORE, IGNORE, 12, 2, IGNORE, IGNORE, IGNORE]
+    assert int((labels != IGNORE).sum()) == 10
+    unpacked, _ = pack(samples, seq_len=10, pad_id=0, packing=False)
+    assert unpacked.shape == (5, 10)
+
+
+def test_jsonl_and_parquet_records_train_the_same_rows(tokenizer, tmp_path):
+    arith = ArithConfig(max_operand=9)
+    records = arith_records(arith, "train")
+    assert len(records) + len(arith_split(arith)["heldout"]) == 100 + 55  # a - b only when a >= b
+    heldout = {m[0]["content"] for m in (r["messages"] for r in arith_records(arith, "heldout"))}
+    assert not heldout & {r["messages"][0]["content"] for r in records}
+    rows = {}
+    for suffix in ("jsonl", "parquet"):
+        path = tmp_path / f"train.{suffix}"
+        write_records(records, path)
+        assert read_records(path) == records
+        data = TrainingData(DataConfig(source="file", path=str(path)), tokenizer, seq_len=32, seed=3)
+        rows[suffix] = next(data.batches(4))
+    data = TrainingData(DataConfig(arith=arith), tokenizer, seq_len=32, seed=3)
+    for got in rows.values():
+        expected = next(data.batches(4))
+        assert all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2]))
+
+
+def test_data_position_resumes_the_same_batches(tokenizer):
+    data = TrainingData(DataConfig(arith=ArithConfig(max_operand=6)), tokenizer, seq_len=24, seed=0)
+    rows_per_epoch = len(data.epoch(0)[0])
+    stream = data.batches(7)
+    batches = [next(stream) for _ in range(2 * rows_per_epoch // 7 + 2)]  # crosses epochs
+    for k in (1, 5, len(batches) - 2):
+        ids, labels, position = next(data.batches(7, batches[k - 1][2]))
+        assert torch.equal(ids, batches[k][0]) and torch.equal(labels, batches[k][1]) and position == batches[k][2]
+
+
+def test_schedules():
+    v2 = Schedule(kind="v2_step", lr=1.0, warmup_steps=10, decay_at=[0.6, 0.9], decay_factor=0.316)
+    assert v2.lr_at(0, 100) == pytest.approx(0.1) and v2.lr_at(9, 100) == pytest.approx(1.0)
+    assert v2.lr_at(59, 100) == 1.0 and v2.lr_at(60, 100) == pytest.approx(0.316)
+    assert v2.lr_at(95, 100) == pytest.approx(0.316**2)
+    cosine = Schedule(kind="cosine", lr=1.0, warmup_steps=0, min_lr_ratio=0.1)
+    assert cosine.lr_at(0, 100) == 1.0 and cosine.lr_at(100, 100) == pytest.approx(0.1)
+
+
+def test_config_overrides_and_validation():
+    config = load_config(SMOKE, ["steps=3", "schedule.lr=0.5", "moe.capacity_factor=null"])
+    assert config.steps == 3 and config.schedule.lr == 0.5 and config.moe.capacity_factor is None
+    with pytest.raises(ValueError):
+        load_config(SMOKE, ["batch_size=7", "routers=2"])
+    with pytest.raises(ValueError):
+        load_config(SMOKE, ["no_such_key=1"])
+
+
+# ---- one step: the actor graph vs one process ------------------------------------------------------
+
+
+def smoke_config(tmp_path: Path, *overrides: str) -> TrainConfig:
+    return load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])
+
+
+def init_folder(config: TrainConfig, directory: Path) -> Path:
+    from jobs.sft import write_init
+
+    return write_init(config, directory)
+
+
+def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: float, ranks: int):
+    """The step in one process, written out plainly: the batch in `ranks` micro-batches (each with its
+    rank's token-dropping seed) accumulated into token-mean CE + mean balance losses, clip, then one
+    AdamW over all parameters (decay on matrices only)."""
+    model = DeepseekV2ForCausalLM.from_pretrained(folder).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    n_learned = (labels != IGNORE).sum()
+    total = 0.0
+    for rank, (ids, lab) in enumerate(zip(input_ids.chunk(ranks), labels.chunk(ranks))):
+        torch.manual_seed(step_seed(config.seed, 0, rank))
+        out = model(ids)
+        ce_sum = F.cross_entropy(out.logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss = ce_sum / n_learned + sum(out.balance_losses.values()) / ranks
+        loss.backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=lr, betas=config.betas, eps=config.eps,
+    )
+    optimizer.step()
+    return total, {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.timeout(400)
+def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
+    """2 routers (data-parallel ranks) x 2 expert actors, balance losses, token dropping and clipping on."""
+    from jobs.trainer import GraphTrainer
+
+    ranks = 2
+    config = smoke_config(tmp_path, f"routers={ranks}", "expert_actors=2")
+    assert config.moe.capacity_factor is not None and config.moe.alpha2
+    folder = init_folder(config, tmp_path / "init")
+    tokenizer = ChatTokenizer.from_pretrained(folder)
+    input_ids, labels, _ = next(TrainingData(config.data, tokenizer, config.seq_len, config.seed).batches(config.batch_size))
+    lr = 3e-3
+    expected_loss, expected = reference_step(folder, config, input_ids, labels, lr, ranks)
+
+    trainer = GraphTrainer(config, folder, name="train-equivalence")
+    try:
+        metrics = trainer.step(0, input_ids, labels, lr)
+        out = tmp_path / "after"
+        out.mkdir()
+        trainer.save(out)
+    finally:
+        trainer.close()
+    assert metrics["grad_norm"] > config.grad_clip  # the clip is exercised
+    assert metrics["dropped_fraction"] > 0  # so is token dropping
+    assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    got = load_tensors(out, tensor_files(out))
+    assert set(got) == set(expected)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
+        assert not torch.equal(tensor, load_tensors(folder, [name])[name]) or tensor.dim() == 1, f"{name} did not move"
+
+
+def test_local_trainer_bf16_tracks_fp32(tmp_path):
+    from jobs.trainer import LocalTrainer
+
+    config = smoke_config(tmp_path, "expert_actors=0", "moe.capacity_factor=null")
+    folder = init_folder(config, tmp_path / "init")
+    data = TrainingData(config.data, ChatTokenizer.from_pretrained(folder), config.seq_len, config.seed)
+    input_ids, labels, _ = next(data.batches(config.batch_size))
+    fp32 = LocalTrainer(config, folder).step(0, input_ids, labels, 1e-3)
+    bf16 = LocalTrainer(config.model_copy(update={"dtype": "bfloat16"}), folder).step(0, input_ids, labels, 1e-3)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+
+
+# ---- whole runs: kill -9 and resume; Ray Jobs ------------------------------------------------------
+
+
+def run_sft(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.sft", "--config", str(SMOKE), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.timeout(420)
+def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
+    env = {**ENV, "RAY_ADDRESS": ray_cluster}
+    common = ["--steps", "24", "--set", "checkpoint_every=4", "--set", "plot=false"]
+    reference = run_sft([*common, "--run-dir", str(tmp_path / "straight")], env)
+    killed_dir = tmp_path / "killed"
+    victim = run_sft([*common, "--run-dir", str(killed_dir)], env)
+    deadline = time.monotonic() + 240
+    while not (killed_dir / "checkpoint-4" / "trainer_state.json").exists():  # poll for the file
+        assert victim.poll() is None, victim.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    last = max(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+    assert last < 24, "the run finished before it was killed"
+    resumed = run_sft([*common, "--run-dir", str(killed_dir), "--resume"], env)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from {killed_dir / f'checkpoint-{last}'}" in out
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-3000:]
+    straight, interrupted = losses(tmp_path / "straight"), losses(killed_dir)
+    assert [s for s, _ in interrupted] == list(range(1, 25))
+    for (step, a), (_, b) in zip(straight, interrupted):
+        assert a == pytest.approx(b, abs=1e-6), f"step {step}"
+    final = load_tensors(killed_dir / "checkpoint-24", tensor_files(killed_dir / "checkpoint-24"))
+    for name, tensor in load_tensors(tmp_path / "straight" / "checkpoint-24", final).items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
+    """A real `ray start --head` cluster with its dashboard, `ray job submit --working-dir .`; the
+    cluster's processes are ours alone and are stopped by process group (never `ray stop`)."""
+    import transformers
+
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    run_dir = tmp_path / "job-run"
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=ENV, capture_output=True, timeout=60).returncode:
+            assert head.poll() is None, "ray start exited"
+            assert time.monotonic() < deadline, "the dashboard never came up"
+            time.sleep(1)
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
+             "--", "python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
+            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420,
+        )
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    checkpoint = run_dir / "checkpoint-6"
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-6"
+    assert not list(run_dir.glob("*.tmp"))
+    files = set(json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert files == {"model-dense.safetensors", "model-experts-00000.safetensors", "model-experts-00001.safetensors"}
+    assert (run_dir / "training.png").stat().st_size > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"loss", "ce", "balance_expert", "balance_device", "balance_comm", "dropped_fraction", "tokens_per_s", "expert_load"} <= set(records[0])
+    ours = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_moeray_train_sft_runs_the_job_in_one_process(tmp_path):
+    from cluster.cli import main
+
+    run_dir = tmp_path / "cli-run"
+    assert main(["train", "sft", "--config", str(SMOKE), "--expert-actors", "0", "--steps", "2",
+                 "--run-dir", str(run_dir), "--set", "plot=false"]) == 0
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data_position"] == 2 * 8
