@@ -1,0 +1,184 @@
+"""MoE dispatch benchmark: per-layer round trip and decode tokens/s, in-process vs Ray transports.
+
+    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch            # full (batch 1, 64)
+    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch --quick    # ~2 min smoke run
+    ... python -m bench.dispatch --actors 1,2,4                                              # also 4 expert actors
+
+Prints JSON lines on stdout ("kind" says which):
+- "context": cores, torch threads, load average at start; "config": the model and the method;
+- "layer": one MoE layer's round trip as the router experiences it, median / p90 µs. It runs *inside the
+  RouterActor process, on its step thread* (the thread generate() uses, via RouterActor._step, so the
+  objectstore path includes its event-loop hop): tokens x [batch, d] routed by the model's (random) gate
+  and grouped by expert as DeepseekMoE.dispatch does, then `backend.submit(...).result()` is timed for the
+  in-process LocalExperts (all experts of the layer, built in the router) and for RemoteExperts over the
+  live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
+  transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
+  set_transport's time (the compile). No product code changes: the job starts via `router.__ray_call__`;
+- "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
+  (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
+  idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
+  one process. One-token prompts, so all N forwards of generate(prompts, N) are decode steps; tok/s =
+  batch * N / median time (step_ms_min: the best repeat, less sensitive to other users' load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray
+import torch
+
+from cluster.graph import NAMESPACE, ActorGraph
+from cluster.spec import ClusterSpec
+from model import DeepseekV2Config, DeepseekV2ForCausalLM, LocalExperts
+
+OVERRIDES = {  # tiny attention; experts big enough that their compute shows at batch 64
+    "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 3,
+    "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
+    "vocab_size": 1024, "bos_token_id": None, "eos_token_id": None,
+}  # fmt: skip
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def quantiles_us(samples_ns: list[int]) -> dict:
+    s = sorted(samples_ns)
+    return {"median_us": round(statistics.median(s) / 1e3, 1), "p90_us": round(s[int(0.9 * (len(s) - 1))] / 1e3, 1)}
+
+
+# ---- runs inside the router process, on its step thread -------------------------------------------
+def layer_job(router, batches: list[int], warmup: int, iters: int) -> list[dict]:
+    """In-process LocalExperts and the router's current transport, round-robin per iteration."""
+    moe = next(iter(router.model.moe_layers().values()))
+    layer, n_experts, d = moe.layer_idx, moe.n_experts, router.model.config.hidden_size
+    local = LocalExperts.from_pretrained(router.spec.model, router.model.config, {layer: list(range(n_experts))})
+    backends = {"local": local, router.transport_name: router.experts}
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    with torch.no_grad():
+        for batch in batches:
+            messages = []  # what DeepseekMoE.dispatch hands the backend, for 16 random batches
+            for _ in range(16):
+                x = torch.randn(batch, d, generator=generator)
+                routing = moe.gate(x)
+                expert_of = routing.expert_ids.flatten()
+                token_of = torch.arange(batch).repeat_interleave(routing.expert_ids.shape[1])
+                token_of = token_of[expert_of.argsort(stable=True)]
+                counts = torch.bincount(expert_of, minlength=n_experts).tolist()
+                messages.append((x[token_of], counts, token_of))
+            samples = {name: [] for name in backends}
+            for i in range(warmup + iters):
+                tokens, counts, token_of = messages[i % len(messages)]
+                for name, backend in backends.items():
+                    start = time.perf_counter_ns()
+                    backend.submit(layer, tokens, counts, token_of, False).result()
+                    samples[name].append(time.perf_counter_ns() - start)
+            for name, values in samples.items():
+                results.append({"backend": name, "batch": batch, "iters": iters, **quantiles_us(values[warmup:])})
+    router.stats.reset()
+    return results
+
+
+def in_router(router, job, *args):
+    """Run job(router_instance, *args) through RouterActor._step; poll (no blocking of its event loop)."""
+
+    def start(self, job, args):  # objectstore.loop: the actor's event loop, set by every _step (set_transport)
+        self._bench_task = asyncio.run_coroutine_threadsafe(self._step(job, self, *args), self.objectstore.loop)
+
+    ray.get(router.__ray_call__.remote(start, job, args))
+    while not ray.get(router.__ray_call__.remote(lambda self: self._bench_task.done())):
+        time.sleep(0.3)
+    return ray.get(router.__ray_call__.remote(lambda self: self._bench_task.result()))
+
+
+# ---- decode ----------------------------------------------------------------------------------------
+def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+    """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate, then times
+    generate(prompts, N). One-token prompts: the "prefill" is a decode-shaped step too, so every one of the
+    N forwards is a decode step (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
+    prompts = torch.randint(3, vocab, (batch, 1), generator=torch.Generator().manual_seed(batch)).tolist()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (setup, generate) in runs.items():
+            setup()
+            generate(prompts, 2)
+            start = time.perf_counter()
+            generate(prompts, new_tokens)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"tok_s": round(batch * new_tokens / statistics.median(t), 1),
+                   "step_ms": round(1e3 * statistics.median(t) / new_tokens, 2),
+                   "step_ms_min": round(1e3 * min(t) / new_tokens, 2)} for name, t in times.items()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~2 min)")
+    parser.add_argument("--actors", default="1,2", help="expert actor counts, e.g. 1,2,4")
+    args = parser.parse_args()
+    actors = [int(a) for a in args.actors.split(",")]
+    batches = [1, 8] if args.quick else [1, 64]
+    warmup, iters = (5, 40) if args.quick else (20, 200)
+    new_tokens, repeats = (8, 2) if args.quick else (24, 3)
+    emit(kind="context", cores=os.cpu_count(), torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(),
+         torch=torch.__version__, ray=ray.__version__, quick=args.quick)  # fmt: skip
+    config = DeepseekV2Config.preset("tiny", **OVERRIDES)
+    emit(kind="config", preset="tiny", overrides=OVERRIDES, moe_layers=config.moe_layers, actors=actors,
+         batches=batches, layer_warmup=warmup, layer_iters=iters, decode_new_tokens=new_tokens,
+         decode_repeats=repeats, prompt_len=1, cpus_per_actor=0.5, cpu_threads_per_actor=1)  # fmt: skip
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})  # fmt: skip
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeray-bench-dispatch-") as folder:
+            DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(folder)
+            model = DeepseekV2ForCausalLM.from_pretrained(folder)  # the one-process reference, in this driver
+            for k in actors:
+                graph = ActorGraph.create(
+                    ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5)
+                )
+                try:
+                    bench_graph(graph.routers[0], k, model, batches, (warmup, iters), (new_tokens, repeats))
+                finally:
+                    graph.teardown()
+    finally:
+        emit(kind="done", wall_s=round(time.perf_counter() - started, 1), loadavg_end=os.getloadavg())
+        ray.shutdown()
+
+
+def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, decode_iters: tuple) -> None:
+    for transport in ("objectstore", "compiled"):
+        start = time.perf_counter()
+        assert ray.get(router.set_transport.remote(transport)) == transport
+        setup_s = round(time.perf_counter() - start, 2)
+        for row in in_router(router, layer_job, batches, *layer_iters):
+            emit(kind="layer", actors=k, transport_alive=transport, setup_s=setup_s, **row)
+
+    def use(transport: str, threads: int = 1):  # one-process runs only while no compiled graph spins
+        return lambda: (torch.set_num_threads(threads), ray.get(router.set_transport.remote(transport)))
+
+    def on_graph(prompts, n):
+        return ray.get(router.generate.remote(prompts, n))
+
+    runs = {f"one_process_{t}t": (use("objectstore", t), model.generate) for t in sorted({1, os.cpu_count()})}
+    runs |= {t: (use(t), on_graph) for t in ("objectstore", "compiled")}
+    for batch in batches:
+        result = decode_interleaved(runs, batch, *decode_iters, model.config.vocab_size)
+        for name, row in result.items():
+            refs = [] if name.startswith("one_") else [r for r in result if r.startswith("one_")]
+            ratios = {f"ratio_vs_{r}": round(row["tok_s"] / result[r]["tok_s"], 3) for r in refs}
+            emit(kind="decode", backend=name, actors=k, batch=batch, **row, **ratios)
+    ray.get(router.set_transport.remote("objectstore"))  # tears the compiled graph down
+
+
+if __name__ == "__main__":
+    main()
