@@ -292,10 +292,14 @@ def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
     import transformers
 
     port, dashboard = free_port(), free_port()
+    # Every port of our own: other clusters on this machine hold the defaults (52365 for the job agent).
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_ports],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     run_dir = tmp_path / "job-run"
@@ -306,12 +310,15 @@ def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
             assert head.poll() is None, "ray start exited"
             assert time.monotonic() < deadline, "the dashboard never came up"
             time.sleep(1)
-        job = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
-             "--", "python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
-            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420,
-        )
+        submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+                  "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
+                  "--", "python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)]
+        while True:
+            job = subprocess.run(submit, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420)
+            if job.returncode == 0 or "No available agent" not in job.stderr + job.stdout:
+                break
+            assert time.monotonic() < deadline + 60, "the dashboard's job agent never came up"
+            time.sleep(2)  # the head's dashboard answers before its job agent has registered
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout
     finally:
