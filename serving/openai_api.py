@@ -210,15 +210,7 @@ class OpenAIServer(MoerayGrpcServicer):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._completion_chunks(stream, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(body.n)}
-        usage = None
-        async for batch in stream:
-            for event in batch["events"]:
-                choice = choices[event["choice"]]
-                choice["text"].append(event["text"])
-                choice["events"].append(event)
-                choice["finish_reason"] = event["finish_reason"] or choice["finish_reason"]
-            usage = batch.get("usage") or usage
+        choices, usage = await _collect(stream, body.n)
         result = {
             "id": request_id,
             "object": "text_completion",
@@ -307,15 +299,7 @@ class OpenAIServer(MoerayGrpcServicer):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._chat_chunks(stream, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(body.n)}
-        usage = None
-        async for batch in stream:
-            for event in batch["events"]:
-                choice = choices[event["choice"]]
-                choice["text"].append(event["text"])
-                choice["events"].append(event)
-                choice["finish_reason"] = event["finish_reason"] or choice["finish_reason"]
-            usage = batch.get("usage") or usage
+        choices, usage = await _collect(stream, body.n)
         result = {
             "id": request_id,
             "object": "chat.completion",
@@ -388,3 +372,17 @@ def _by_choice(events: list[dict]) -> dict[int, list[dict]]:
 # Applied here, at import, so that every process that imports this module (the replicas do) sees the
 # class-based routes with `self` injected.
 OpenAIIngress = serve.ingress(app)(OpenAIServer)
+
+
+async def _collect(stream, n: int) -> tuple[dict[int, dict], dict | None]:
+    """A whole (non-streamed) answer: per choice its text pieces, events and finish reason; the usage."""
+    choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n)}
+    usage = None
+    async for batch in stream:
+        for event in batch["events"]:
+            choice = choices[event["choice"]]
+            choice["text"].append(event["text"])
+            choice["events"].append(event)
+            choice["finish_reason"] = event["finish_reason"] or choice["finish_reason"]
+        usage = batch.get("usage") or usage
+    return choices, usage
