@@ -146,7 +146,8 @@ def finish_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
-    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+    """The tokenizer files, and the task description of a synthetic-task model (arith_task.json)."""
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "arith_task.json"):
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
 
