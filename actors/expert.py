@@ -49,7 +49,8 @@ class ExpertActor:
 
     def forward_train(self, layer: int, tokens: Tensor, counts: list[int]) -> tuple[Tensor, int]:
         with self._train_autocast():
-            return self.local.forward(layer, tokens, counts, keep_for_backward=True)
+            outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
+        return outputs.to(tokens.dtype), handle  # bf16 autocast: answer in the tokens' dtype
 
     def backward(self, handle: int, grad_outputs: Tensor) -> Tensor:
         return self.local.backward(handle, grad_outputs)

@@ -223,16 +223,24 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
         assert not torch.equal(tensor, load_tensors(folder, [name])[name]) or tensor.dim() == 1, f"{name} did not move"
 
 
-def test_local_trainer_bf16_tracks_fp32(tmp_path):
-    from jobs.trainer import LocalTrainer
+@pytest.mark.timeout(300)
+def test_bf16_autocast_tracks_fp32_in_one_process_and_on_the_graph(ray_cluster, tmp_path):
+    from jobs.trainer import GraphTrainer, LocalTrainer
 
-    config = smoke_config(tmp_path, "expert_actors=0", "moe.capacity_factor=null")
+    config = smoke_config(tmp_path, "expert_actors=2", "moe.capacity_factor=null")
     folder = init_folder(config, tmp_path / "init")
     data = TrainingData(config.data, ChatTokenizer.from_pretrained(folder), config.seq_len, config.seed)
     input_ids, labels, _ = next(data.batches(config.batch_size))
-    fp32 = LocalTrainer(config, folder).step(0, input_ids, labels, 1e-3)
-    bf16 = LocalTrainer(config.model_copy(update={"dtype": "bfloat16"}), folder).step(0, input_ids, labels, 1e-3)
-    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    bf16 = config.model_copy(update={"dtype": "bfloat16"})
+    fp32_loss = LocalTrainer(config, folder).step(0, input_ids, labels, 1e-3)["loss"]
+    local_loss = LocalTrainer(bf16, folder).step(0, input_ids, labels, 1e-3)["loss"]
+    graph = GraphTrainer(bf16, folder, name="train-bf16")
+    try:
+        graph_loss = graph.step(0, input_ids, labels, 1e-3)["loss"]
+    finally:
+        graph.close()
+    assert local_loss == pytest.approx(fp32_loss, rel=2e-2)
+    assert graph_loss == pytest.approx(local_loss, rel=1e-2)
 
 
 # ---- whole runs: kill -9 and resume; Ray Jobs ------------------------------------------------------
