@@ -225,13 +225,13 @@ def quickstart(model_dir: Path | None = None, expert_actors: int = 2, max_tokens
         model = client.models.list().data[0].id
         _say(f"GET /v1/models -> {model}\n")
 
-        question = [{"role": "user", "content": "What is 12 plus 30?"}]
+        question = [{"role": "user", "content": "What is 12 + 30?"}]
         _say(f"> chat (stream): {question[0]['content']}\n< ", end="")
         answer, usage, ttft, total = _stream_chat(client, model, question, max_tokens=max_tokens, temperature=0)
         _say(_usage_line(usage, ttft, total))
 
         follow_up = [*question, {"role": "assistant", "content": answer},
-                     {"role": "user", "content": "And what is 7 times 6?"}]
+                     {"role": "user", "content": "What is 7 + 6?"}]
         session = {"extra_body": {"session_id": "quickstart"}}
         _say(f"> chat in session 'quickstart', turn 1: {question[0]['content']}\n< ", end="")
         answer, usage, ttft, total = _stream_chat(client, model, question, max_tokens=max_tokens, temperature=0,
