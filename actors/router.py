@@ -10,44 +10,57 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import ray
 import torch
+from pydantic import BaseModel, Field
 from torch import Tensor
 
-from cluster.load_stats import LoadStats
-from cluster.placement import Placement
-from cluster.spec import ClusterSpec
-from model import DeepseekV2ForCausalLM, LatentCache, RaggedBatch
+from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts, RaggedBatch
 from model.sampling import SamplingParams, sample_one
 
-from .transport import CompiledGraphTransport, ObjectStoreTransport, RemoteExperts
+from .load_stats import LoadStats
+from .placement import Placement
+from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
+from .transports.objectstore import ObjectStoreTransport
+
+
+class RouterSettings(BaseModel):
+    transport: str = "objectstore"
+    transport_settings: TransportSettings = TransportSettings()
+    cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
+    extra_copies: int = Field(0, ge=0, description="copies of hot experts per MoE layer that `rebalance` adds")
 
 
 class RouterActor:
-    def __init__(self, spec: dict, index: int, placement: dict):
-        from cluster.graph import NAMESPACE, expert_name
-
-        self.spec = ClusterSpec.model_validate(spec)
+    def __init__(
+        self,
+        model_dir: str,
+        index: int,
+        expert_actors: list,
+        placement: Placement,
+        settings: RouterSettings,
+        graph_spec: dict | None = None,
+    ):
+        """`expert_actors`: handles in actor-index order. `graph_spec`: what built this graph, handed back
+        by `describe` to drivers that attach to it later."""
         self.index = index
-        self.expert_actors = [
-            ray.get_actor(expert_name(self.spec.name, i), namespace=NAMESPACE) for i in range(self.spec.expert_actors)
-        ]
+        self.expert_actors = expert_actors
+        self.settings = settings
+        self.graph_spec = graph_spec or {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
-        self._worker.submit(torch.set_num_threads, self.spec.cpu_threads_per_actor).result()
-        self.model = DeepseekV2ForCausalLM.from_pretrained(self.spec.model, expert_ids=[])
+        self._worker.submit(torch.set_num_threads, settings.cpu_threads).result()
+        self.model_dir = model_dir
+        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, expert_ids=[])
         config = self.model.config
-        placement_ = Placement.model_validate(placement)
-        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
-        self.objectstore = ObjectStoreTransport(self.expert_actors)
-        self.compiled: CompiledGraphTransport | None = None
-        self.experts = RemoteExperts(self.objectstore, placement_, self.stats)
+        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(expert_actors))
+        self.objectstore = ObjectStoreTransport(expert_actors, settings.transport_settings)
+        self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
-        if self.spec.transport == "compiled":
-            self._on_worker(self._use_transport, "compiled")
+        self._on_worker(self._use_transport, settings.transport)
 
     def _on_worker(self, fn: Callable, *args: Any) -> Any:
         return self._worker.submit(fn, *args).result()
@@ -63,15 +76,16 @@ class RouterActor:
 
     @property
     def transport_name(self) -> str:
-        return "compiled" if self.experts.transport is self.compiled else "objectstore"
+        return self.experts.transport.name
 
     async def describe(self) -> dict:
+        transport = self.experts.transport
         return {
-            "spec": self.spec.model_dump(),
+            "graph_spec": self.graph_spec,
             "placement": self.experts.placement.model_dump(),
-            "transport": self.transport_name,
-            "compiled_healthy": self.compiled is not None and self.compiled.healthy,
-            "compiled_failures": 0 if self.compiled is None else self.compiled.failures,
+            "transport": transport.name,
+            "transport_healthy": transport.healthy,
+            "transport_failures": transport.failures,
         }
 
     async def get_expert_actors(self) -> list:
@@ -83,6 +97,41 @@ class RouterActor:
     async def reset_stats(self) -> None:
         self.stats.reset()
 
+    async def profile_dispatch(self, batch_sizes: list[int], warmup: int, iters: int) -> list[dict]:
+        """One MoE layer's round trip as this router's step thread sees it, over the live transport and
+        over in-process experts (all of the layer's, loaded here for the comparison): per batch size and
+        backend, the round trip of each iteration in nanoseconds. Tokens come from random hidden states
+        through the layer's real gate, grouped by expert as the MoE layer does."""
+        return await self._step(self._profile_dispatch, batch_sizes, warmup, iters)
+
+    def _profile_dispatch(self, batch_sizes: list[int], warmup: int, iters: int) -> list[dict]:
+        moe = next(iter(self.model.moe_layers().values()))
+        layer, n_experts = moe.layer_idx, moe.n_experts
+        local = LocalExperts.from_pretrained(self.model_dir, self.model.config, {layer: list(range(n_experts))})
+        backends = {"local": local, self.transport_name: self.experts}
+        generator = torch.Generator().manual_seed(0)
+        results = []
+        with torch.no_grad():
+            for batch in batch_sizes:
+                messages = []
+                for _ in range(16):
+                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator)
+                    expert_of = moe.gate(x).expert_ids.flatten()
+                    token_of = torch.arange(batch).repeat_interleave(len(expert_of) // batch)
+                    token_of = token_of[expert_of.argsort(stable=True)]
+                    messages.append((x[token_of], torch.bincount(expert_of, minlength=n_experts).tolist(), token_of))
+                samples: dict[str, list[int]] = {name: [] for name in backends}
+                for i in range(warmup + iters):
+                    tokens, counts, token_of = messages[i % len(messages)]
+                    for name, backend in backends.items():
+                        start = time.perf_counter_ns()
+                        backend.submit(layer, tokens, counts, token_of, False).result()
+                        samples[name].append(time.perf_counter_ns() - start)
+                results += [{"backend": name, "batch": batch, "round_trip_ns": values[warmup:]}
+                            for name, values in samples.items()]  # fmt: skip
+        self.stats.reset()
+        return results
+
     # ---- inference --------------------------------------------------------------------------------
     async def generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling: Any) -> list[list[int]]:
         return await self._step(self._generate, prompts, max_new_tokens, sampling)
@@ -90,13 +139,6 @@ class RouterActor:
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict) -> list[list[int]]:
         with torch.no_grad():
             return self.model.generate(prompts, max_new_tokens, **sampling)
-
-    async def forward(self, input_ids: Tensor) -> Tensor:
-        def run() -> Tensor:
-            with torch.no_grad():
-                return self.model(input_ids).logits
-
-        return await self._step(run)
 
     # ---- serving: the paged latent cache and one continuous-batching step ---------------------------
     async def init_cache(self, num_blocks: int, block_size: int) -> dict:
@@ -201,25 +243,24 @@ class RouterActor:
         return self.transport_name
 
     def _use_transport(self, name: str) -> None:
-        if name not in ("compiled", "objectstore"):
-            raise ValueError(f"unknown transport {name!r}")
-        if name == "compiled" and self.compiled is None:
-            self.compiled = CompiledGraphTransport(self.expert_actors, self.objectstore, self.spec.compiled_timeout_s)
-        if name == "objectstore" and self.compiled is not None:
-            # An idle compiled graph busy-polls its channels: do not keep one that is not used.
-            self.compiled.teardown()
-            self.compiled = None
-        self.experts.transport = self.compiled if name == "compiled" else self.objectstore
+        if name not in TRANSPORTS:
+            raise ValueError(f"unknown transport {name!r}; one of {sorted(TRANSPORTS)}")
+        current = self.experts.transport
+        if current.name == name:
+            return
+        transport: ExpertTransport = self.objectstore
+        if name != self.objectstore.name:
+            transport = TRANSPORTS[name](self.expert_actors, self.settings.transport_settings, self.objectstore)
+        if current is not self.objectstore:
+            current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused
+        self.experts.transport = transport
 
     async def rebalance(self, extra_copies: int | None = None) -> dict:
         """Recompute the placement from the load measured so far and apply it between two steps."""
-        extra = self.spec.extra_copies if extra_copies is None else extra_copies
+        extra = self.settings.extra_copies if extra_copies is None else extra_copies
         new = self.experts.placement.rebalance(self.stats.expert_load(), extra)
         await self._step(self._apply_placement, new)
         return new.model_dump()
-
-    async def apply_placement(self, placement: dict) -> None:
-        await self._step(self._apply_placement, Placement.model_validate(placement))
 
     def _apply_placement(self, new: Placement) -> None:
         old = self.experts.placement
@@ -238,4 +279,3 @@ class RouterActor:
         self.objectstore.wait(updates)
         self.experts.placement = new
         self.stats.reset()
-

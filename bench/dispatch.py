@@ -7,13 +7,13 @@
 Prints JSON lines on stdout ("kind" says which):
 - "context": cores, torch threads, load average at start; "config": the model and the method;
 - "layer": one MoE layer's round trip as the router experiences it, median / p90 µs. It runs *inside the
-  RouterActor process, on its step thread* (the thread generate() uses, via RouterActor._step, so the
-  objectstore path includes its event-loop hop): tokens x [batch, d] routed by the model's (random) gate
+  RouterActor process, on its step thread* (the thread generate() uses, so the objectstore path includes
+  its event-loop hop): tokens x [batch, d] routed by the model's (random) gate
   and grouped by expert as DeepseekMoE.dispatch does, then `backend.submit(...).result()` is timed for the
   in-process LocalExperts (all experts of the layer, built in the router) and for RemoteExperts over the
   live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
-  set_transport's time (the compile). No product code changes: the job starts via `router.__ray_call__`;
+  set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`;
 - "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
@@ -24,7 +24,6 @@ Prints JSON lines on stdout ("kind" says which):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -38,7 +37,7 @@ import torch
 
 from cluster.graph import NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
-from model import DeepseekV2Config, DeepseekV2ForCausalLM, LocalExperts
+from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
 OVERRIDES = {  # tiny attention; experts big enough that their compute shows at batch 64
     "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 3,
@@ -56,49 +55,10 @@ def quantiles_us(samples_ns: list[int]) -> dict:
     return {"median_us": round(statistics.median(s) / 1e3, 1), "p90_us": round(s[int(0.9 * (len(s) - 1))] / 1e3, 1)}
 
 
-# ---- runs inside the router process, on its step thread -------------------------------------------
-def layer_job(router, batches: list[int], warmup: int, iters: int) -> list[dict]:
-    """In-process LocalExperts and the router's current transport, round-robin per iteration."""
-    moe = next(iter(router.model.moe_layers().values()))
-    layer, n_experts, d = moe.layer_idx, moe.n_experts, router.model.config.hidden_size
-    local = LocalExperts.from_pretrained(router.spec.model, router.model.config, {layer: list(range(n_experts))})
-    backends = {"local": local, router.transport_name: router.experts}
-    generator = torch.Generator().manual_seed(0)
-    results = []
-    with torch.no_grad():
-        for batch in batches:
-            messages = []  # what DeepseekMoE.dispatch hands the backend, for 16 random batches
-            for _ in range(16):
-                x = torch.randn(batch, d, generator=generator)
-                routing = moe.gate(x)
-                expert_of = routing.expert_ids.flatten()
-                token_of = torch.arange(batch).repeat_interleave(routing.expert_ids.shape[1])
-                token_of = token_of[expert_of.argsort(stable=True)]
-                counts = torch.bincount(expert_of, minlength=n_experts).tolist()
-                messages.append((x[token_of], counts, token_of))
-            samples = {name: [] for name in backends}
-            for i in range(warmup + iters):
-                tokens, counts, token_of = messages[i % len(messages)]
-                for name, backend in backends.items():
-                    start = time.perf_counter_ns()
-                    backend.submit(layer, tokens, counts, token_of, False).result()
-                    samples[name].append(time.perf_counter_ns() - start)
-            for name, values in samples.items():
-                results.append({"backend": name, "batch": batch, "iters": iters, **quantiles_us(values[warmup:])})
-    router.stats.reset()
-    return results
-
-
-def in_router(router, job, *args):
-    """Run job(router_instance, *args) through RouterActor._step; poll (no blocking of its event loop)."""
-
-    def start(self, job, args):  # objectstore.loop: the actor's event loop, set by every _step (set_transport)
-        self._bench_task = asyncio.run_coroutine_threadsafe(self._step(job, self, *args), self.objectstore.loop)
-
-    ray.get(router.__ray_call__.remote(start, job, args))
-    while not ray.get(router.__ray_call__.remote(lambda self: self._bench_task.done())):
-        time.sleep(0.3)
-    return ray.get(router.__ray_call__.remote(lambda self: self._bench_task.result()))
+def layer_rows(router, batches: list[int], warmup: int, iters: int) -> list[dict]:
+    """RouterActor.profile_dispatch: in-process experts and the live transport, round-robin per iteration."""
+    rows = ray.get(router.profile_dispatch.remote(batches, warmup, iters))
+    return [{"backend": r["backend"], "batch": r["batch"], "iters": iters, **quantiles_us(r["round_trip_ns"])} for r in rows]
 
 
 # ---- decode ----------------------------------------------------------------------------------------
@@ -160,7 +120,7 @@ def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, d
         start = time.perf_counter()
         assert ray.get(router.set_transport.remote(transport)) == transport
         setup_s = round(time.perf_counter() - start, 2)
-        for row in in_router(router, layer_job, batches, *layer_iters):
+        for row in layer_rows(router, batches, *layer_iters):
             emit(kind="layer", actors=k, transport_alive=transport, setup_s=setup_s, **row)
 
     def use(transport: str, threads: int = 1):  # one-process runs only while no compiled graph spins

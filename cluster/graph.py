@@ -11,9 +11,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.expert import ExpertActor
+from actors.placement import Placement
+from actors.router import RouterActor
 from model import DeepseekV2Config
 
-from .placement import Placement
 from .spec import ClusterSpec
 
 NAMESPACE = "moeray"
@@ -44,9 +46,6 @@ class ActorGraph:
 
     @classmethod
     def create(cls, spec: ClusterSpec) -> "ActorGraph":
-        from actors.expert import ExpertActor
-        from actors.router import RouterActor
-
         ensure_ray()
         spec = spec.model_copy(update={"model": str(Path(spec.model).resolve())})
         config = DeepseekV2Config.from_pretrained(spec.model)
@@ -88,7 +87,7 @@ class ActorGraph:
         routers = [
             ray.remote(RouterActor)
             .options(**options(router_name(spec.name, r), spec.expert_actors + r, {"CPU": spec.cpus_per_actor}))
-            .remote(spec.model_dump(), r, placement.model_dump())
+            .remote(spec.model, r, experts, placement, spec.router_settings(), spec.model_dump())
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)
@@ -100,7 +99,7 @@ class ActorGraph:
         ensure_ray()
         router = ray.get_actor(router_name(name, 0), namespace=NAMESPACE)
         description = ray.get(router.describe.remote())
-        spec = ClusterSpec.model_validate(description["spec"])
+        spec = ClusterSpec.model_validate(description["graph_spec"])
         routers = [ray.get_actor(router_name(name, r), namespace=NAMESPACE) for r in range(spec.routers)]
         experts = ray.get(router.get_expert_actors.remote())
         return cls(spec, routers, experts, Placement.model_validate(description["placement"]))
@@ -116,23 +115,3 @@ class ActorGraph:
             except ValueError:
                 pass
 
-
-def run_generate(
-    model_dir: Path,
-    prompt_ids: list[int],
-    max_tokens: int,
-    expert_actors: int,
-    transport: str,
-    eos_token_id: int | None,
-    sampling: dict,
-) -> tuple[list[int], dict]:
-    """The CLI's `generate --expert-actors K`: a graph on the embedded (or RAY_ADDRESS) cluster."""
-    spec = ClusterSpec(model=str(model_dir), name="moeray-cli", expert_actors=expert_actors, transport=transport)
-    graph = ActorGraph.create(spec)
-    try:
-        router = graph.routers[0]
-        tokens = ray.get(router.generate.remote([prompt_ids], max_tokens, eos_token_id=eos_token_id, **sampling))[0]
-        stats = ray.get(router.load_stats.remote())
-    finally:
-        graph.teardown()
-    return tokens, {"transport": stats["transport"], "load": stats["layers"]}

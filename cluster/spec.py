@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pydantic import BaseModel, Field, model_validator
-
-Transport = Literal["objectstore", "compiled"]
+from actors.router import RouterSettings
+from actors.transports import TransportSettings, transport_names
 
 
 class ClusterSpec(BaseModel):
@@ -20,7 +19,7 @@ class ClusterSpec(BaseModel):
     gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
-    transport: Transport = "objectstore"
+    transport: str = Field("objectstore", description="a registered transport (actors/transports)")
     compiled_timeout_s: float = Field(
         30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
     )
@@ -28,8 +27,23 @@ class ClusterSpec(BaseModel):
     max_restarts: int = Field(3, ge=-1)
     max_task_retries: int = Field(3, ge=-1)
 
+    @field_validator("transport")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in transport_names():
+            raise ValueError(f"unknown transport {name!r}; one of {transport_names()}")
+        return name
+
     @model_validator(mode="after")
     def _one_compiled_graph_per_actor(self) -> "ClusterSpec":
         if self.transport == "compiled" and self.routers > 1:
             raise ValueError("the compiled transport needs routers == 1: an actor can be in one compiled graph only")
         return self
+
+    def router_settings(self) -> RouterSettings:
+        return RouterSettings(
+            transport=self.transport,
+            transport_settings=TransportSettings(timeout_s=self.compiled_timeout_s),
+            cpu_threads=self.cpu_threads_per_actor,
+            extra_copies=self.extra_copies,
+        )

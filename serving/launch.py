@@ -1,5 +1,5 @@
 """`moeray serve` and `moeray quickstart`: the actor graph, Ray Serve and the OpenAI endpoint, from
-the command line (cluster/cli.py holds only the argument parsing)."""
+the command line (cli/main.py holds only the argument parsing)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from cluster.placement import Placement
+from actors.placement import Placement
 from cluster.spec import ClusterSpec
 
 
@@ -43,3 +44,23 @@ def test_rebalance_replicates_hot_experts_and_lowers_imbalance():
 def test_compiled_transport_needs_a_single_router():
     with pytest.raises(ValueError, match="one compiled graph"):
         ClusterSpec(model="x", routers=2, transport="compiled")
+
+
+def test_transports_are_a_registry_the_spec_validates_against():
+    from actors.transports import TRANSPORTS, ExpertTransport, transport_names
+
+    assert {"objectstore", "compiled"} <= set(transport_names())
+    with pytest.raises(ValidationError, match="unknown transport 'carrier-pigeon'"):
+        ClusterSpec(model="x", transport="carrier-pigeon")
+
+    class CarrierPigeon(ExpertTransport):  # a subclass with a name registers itself
+        name = "carrier-pigeon"
+
+        def send(self, layer, messages, keep_for_backward):
+            raise NotImplementedError
+
+    try:
+        assert TRANSPORTS["carrier-pigeon"] is CarrierPigeon
+        assert ClusterSpec(model="x", transport="carrier-pigeon").router_settings().transport == "carrier-pigeon"
+    finally:
+        del TRANSPORTS["carrier-pigeon"]

@@ -14,7 +14,7 @@ def test_quickstart_streams_requests_and_shuts_down(ray_cluster):
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled"}
     try:
-        done = subprocess.run([sys.executable, "-m", "cluster.cli", "quickstart", "--max-tokens", "8"],
+        done = subprocess.run([sys.executable, "-m", "cli", "quickstart", "--max-tokens", "8"],
                               env=env, capture_output=True, text=True, timeout=420)
     finally:
         serve.shutdown()  # the quickstart joined this cluster: it leaves Serve itself running

@@ -358,7 +358,7 @@ def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
 
 
 def test_moeray_train_sft_runs_the_job_in_one_process(tmp_path):
-    from cluster.cli import main
+    from cli.main import main
 
     run_dir = tmp_path / "cli-run"
     assert main(["train", "sft", "--config", str(SMOKE), "--expert-actors", "0", "--steps", "2",

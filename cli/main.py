@@ -1,4 +1,4 @@
-"""The `moeray` command."""
+"""The `moeray` command: parses a command line and calls the layer that does the work."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from actors.transports import transport_names
 
 
 class CliError(Exception):
@@ -62,11 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.expert_actors == 0:
         token_ids = model.generate([prompt_ids], args.max_tokens, eos_token_id=args.eos_token_id, **sampling)[0]
     else:
-        from cluster.graph import run_generate
-
-        token_ids, stats = run_generate(
-            directory, prompt_ids, args.max_tokens, args.expert_actors, args.transport, args.eos_token_id, sampling
-        )
+        token_ids, stats = generate_on_graph(directory, prompt_ids, args, sampling)
     result = {"token_ids": token_ids, "expert_actors": args.expert_actors, **stats}
     if tokenizer is not None:
         result["text"] = tokenizer.decode(token_ids)
@@ -74,6 +72,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
     else:
         print(result.get("text", " ".join(map(str, token_ids))))
+
+
+def generate_on_graph(directory: Path, prompt_ids: list[int], args: argparse.Namespace, sampling: dict) -> tuple[list[int], dict]:
+    """`generate --expert-actors K`: a graph on the embedded (or RAY_ADDRESS) cluster, torn down after."""
+    import ray
+
+    from cluster.graph import ActorGraph
+    from cluster.spec import ClusterSpec
+
+    spec = ClusterSpec(model=str(directory), name="moeray-cli", expert_actors=args.expert_actors, transport=args.transport)
+    graph = ActorGraph.create(spec)
+    try:
+        router = graph.routers[0]
+        tokens = ray.get(router.generate.remote([prompt_ids], args.max_tokens, eos_token_id=args.eos_token_id, **sampling))[0]
+        stats = ray.get(router.load_stats.remote())
+    finally:
+        graph.teardown()
+    return tokens, {"transport": stats["transport"], "load": stats["layers"]}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -117,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="text (needs tokenizer.json in the model folder)")
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--expert-actors", type=int, default=0, help="0 = one process, no Ray")
-    gen.add_argument("--transport", choices=["objectstore", "compiled"], default="objectstore")
+    gen.add_argument("--transport", choices=transport_names(), default="objectstore")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

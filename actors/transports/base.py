@@ -1,0 +1,75 @@
+"""The transport interface: one layer's messages out to the expert actors, their replies back."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
+
+from pydantic import BaseModel, Field
+from torch import Tensor
+
+Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over all routed experts)
+
+
+class ExpertReply(NamedTuple):
+    outputs: Tensor
+    backward_handle: int | None  # set when the actor kept what its backward needs
+
+
+class TransportSettings(BaseModel):
+    timeout_s: float = Field(30.0, gt=0, description="a transport that can hang gives up (and falls back) after this")
+
+
+class InFlight(ABC):
+    """What `send` returns: one layer's messages on their way."""
+
+    @abstractmethod
+    def receive(self) -> dict[int, ExpertReply]:
+        """Wait for every actor's reply: actor -> reply."""
+
+
+TRANSPORTS: dict[str, type["ExpertTransport"]] = {}
+
+
+def transport_names() -> list[str]:
+    return sorted(TRANSPORTS)
+
+
+class ExpertTransport(ABC):
+    """Subclasses with a `name` register themselves. The object-store transport is the graph's base
+    path (it carries the backward pass); any other transport is built over it as its `fallback`."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in TRANSPORTS:
+                raise ValueError(f"transport {cls.name!r} is registered twice")
+            TRANSPORTS[cls.name] = cls
+
+    def __init__(self, actors: list, settings: TransportSettings, fallback: "ExpertTransport | None" = None):
+        self.actors, self.settings, self.fallback = actors, settings, fallback
+        self.loop: asyncio.AbstractEventLoop | None = None  # the router's event loop, once it runs steps
+
+    @abstractmethod
+    def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
+        """Start the work of one MoE layer."""
+
+    def backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Gradients of the outputs -> gradients of the tokens, per actor."""
+        if self.fallback is None:
+            raise NotImplementedError(f"the {self.name} transport carries no backward pass")
+        return self.fallback.backward(handles, grads)
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def failures(self) -> int:
+        return 0
+
+    def teardown(self) -> None:
+        """Release what the transport holds (threads, channels); the actors stay."""

@@ -1,0 +1,110 @@
+"""A Ray Compiled Graph over all expert actors: shared memory on CPU, NCCL between distinct GPUs.
+
+Inference only; it must be built and executed by the one thread that owns it (the router's step
+thread). It dies with any of its actors, so it falls back to the object store and recompiles once
+every actor answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+
+from .base import ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
+
+logger = logging.getLogger(__name__)
+
+RETRY_INTERVAL_S = 2.0
+
+
+class _Execution(InFlight):
+    def __init__(self, transport: "CompiledGraphTransport", layer: int, messages: Messages, refs: list):
+        self.transport, self.layer, self.messages, self.refs = transport, layer, messages, refs
+
+    def receive(self) -> dict[int, ExpertReply]:
+        try:
+            outputs = ray.get(self.refs)
+        except Exception as error:
+            self.transport.broken(error)
+            return self.transport.fallback.send(self.layer, self.messages, False).receive()
+        return {a: ExpertReply(outputs[a], None) for a in self.messages}
+
+
+class CompiledGraphTransport(ExpertTransport):
+    name = "compiled"
+
+    def __init__(self, actors: list, settings: TransportSettings, fallback: ExpertTransport | None = None):
+        if fallback is None:
+            raise ValueError("the compiled transport needs the object store as its fallback")
+        super().__init__(actors, settings, fallback)
+        self.graph = None
+        self._failures = 0
+        self._next_retry = 0.0
+        self._compile()
+
+    def _compile(self) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+        from ray.dag.context import DAGContext
+
+        context = DAGContext.get_current()  # Ray's 10 s defaults are too tight for a busy 2-core node
+        context.get_timeout = context.submit_timeout = self.settings.timeout_s
+
+        with InputNode() as inputs:
+            outputs = [
+                actor.forward_compiled.bind(inputs[i]).with_tensor_transport("auto")
+                for i, actor in enumerate(self.actors)
+            ]
+            dag = MultiOutputNode(outputs)
+        self.graph = dag.experimental_compile()
+
+    @property
+    def healthy(self) -> bool:
+        return self.graph is not None
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def _recover(self) -> None:
+        """After a failure: once every actor answers again, compile a fresh graph."""
+        if self.graph is not None or time.monotonic() < self._next_retry:
+            return
+        self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors], timeout=RETRY_INTERVAL_S)
+            self._compile()
+            logger.info("compiled graph rebuilt")
+        except Exception as error:  # an actor still restarting: stay on the object store
+            logger.info("compiled graph not rebuilt yet: %s", error)
+
+    def broken(self, error: Exception) -> None:
+        logger.warning("compiled graph failed (%s); falling back to the object store", error)
+        self._failures += 1
+        graph, self.graph = self.graph, None
+        try:
+            graph.teardown()
+        except Exception:  # the graph is already half gone with its actor; nothing more to release
+            pass
+        self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+
+    def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
+        self._recover()
+        if keep_for_backward or self.graph is None:
+            return self.fallback.send(layer, messages, keep_for_backward)
+        # Every actor of the graph runs each time; idle ones get no tokens (zero-size tensors do not
+        # survive the shared-memory channel).
+        idle = (None, [])
+        inputs = [(layer, *messages.get(a, idle)) for a in range(len(self.actors))]
+        try:
+            refs = self.graph.execute(*inputs)
+        except Exception as error:
+            self.broken(error)
+            return self.fallback.send(layer, messages, keep_for_backward)
+        return _Execution(self, layer, messages, refs)
+
+    def teardown(self) -> None:
+        if self.graph is not None:
+            self.graph.teardown()
+            self.graph = None

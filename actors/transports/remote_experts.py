@@ -1,0 +1,52 @@
+"""The router side of expert parallelism: the model's expert backend over a transport.
+
+It splits one layer's expert-sorted tokens into one message per actor (following the placement),
+hands the messages to the transport, and puts the answers back in order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from model.moe import ExpertBackend, PendingExperts
+
+from ..load_stats import LoadStats
+from ..placement import DispatchPlan, Placement
+from .base import ExpertTransport, InFlight
+
+
+class _RemotePending(PendingExperts):
+    def __init__(self, transport: ExpertTransport, plan: DispatchPlan, tokens: Tensor, in_flight: InFlight):
+        self.transport, self.plan, self.tokens, self.in_flight = transport, plan, tokens, in_flight
+        self.handles: dict[int, int] = {}
+
+    def result(self) -> Tensor:
+        outputs = torch.empty_like(self.tokens)
+        for actor, reply in self.in_flight.receive().items():
+            outputs[self.plan.rows[actor]] = reply.outputs
+            if reply.backward_handle is not None:
+                self.handles[actor] = reply.backward_handle
+        return outputs
+
+    def backward(self, grad_outputs: Tensor) -> Tensor:
+        grads = {actor: grad_outputs[self.plan.rows[actor]].contiguous() for actor in self.handles}
+        grad_tokens = torch.zeros_like(self.tokens)
+        for actor, grad in self.transport.backward(self.handles, grads).items():
+            grad_tokens[self.plan.rows[actor]] = grad
+        return grad_tokens
+
+
+class RemoteExperts(ExpertBackend):
+    def __init__(self, transport: ExpertTransport, placement: Placement, stats: LoadStats):
+        self.transport, self.placement, self.stats = transport, placement, stats
+
+    def submit(
+        self, layer: int, tokens: Tensor, counts: list[int], token_index: Tensor, keep_for_backward: bool
+    ) -> PendingExperts:
+        plan = self.placement.plan(layer, counts)
+        self.stats.record(layer, counts, plan, token_index)
+        messages = {
+            actor: (tokens[plan.rows[actor]].contiguous(), plan.counts[actor]) for actor in plan.active_actors
+        }
+        return _RemotePending(self.transport, plan, tokens, self.transport.send(layer, messages, keep_for_backward))
