@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from actors.transports import transport_names
+
+if TYPE_CHECKING:
+    from model.tokenizer import ChatTokenizer
 
 
 class CliError(Exception):
@@ -41,20 +45,31 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
 
 
+def prompt_of(directory: Path, args: argparse.Namespace) -> tuple[list[int], "ChatTokenizer | None"]:
+    """The prompt's token ids; text goes through the chat template of a chat model unless --raw."""
+    from model.tokenizer import ChatTokenizer, has_chat_template, load_tokenizer
+
+    if args.prompt is None:
+        tokenizer = ChatTokenizer.from_pretrained(directory) if load_tokenizer(directory) is not None else None
+        return _parse_ids(args.prompt_ids), tokenizer
+    if load_tokenizer(directory) is None:
+        raise CliError(f"{directory} has no tokenizer.json; pass --prompt-ids instead of --prompt")
+    tokenizer = ChatTokenizer.from_pretrained(directory)
+    if args.raw or not has_chat_template(directory):
+        return tokenizer.encode(args.prompt), tokenizer
+    return tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True), tokenizer
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from model import DeepseekV2ForCausalLM
-    from model.tokenizer import load_tokenizer
 
     directory = _model_dir(args.model)
-    tokenizer = load_tokenizer(directory)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise CliError(f"{directory} has no tokenizer.json; pass --prompt-ids instead of --prompt")
-        prompt_ids = tokenizer.encode(args.prompt).ids
-    else:
-        prompt_ids = _parse_ids(args.prompt_ids)
+    prompt_ids, tokenizer = prompt_of(directory, args)
     if args.max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
+    eos_token_id = args.eos_token_id
+    if eos_token_id is None and tokenizer is not None and args.prompt is not None and not args.raw:
+        eos_token_id = tokenizer.eos_token_id  # a chat answer ends at the end-of-sequence token
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = DeepseekV2ForCausalLM.from_pretrained(directory)
     vocab = model.config.vocab_size
@@ -62,9 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError(f"prompt token ids must be in [0, {vocab})")
     stats: dict = {}
     if args.expert_actors == 0:
-        token_ids = model.generate([prompt_ids], args.max_tokens, eos_token_id=args.eos_token_id, **sampling)[0]
+        token_ids = model.generate([prompt_ids], args.max_tokens, eos_token_id=eos_token_id, **sampling)[0]
     else:
-        token_ids, stats = generate_on_graph(directory, prompt_ids, args, sampling)
+        token_ids, stats = generate_on_graph(directory, prompt_ids, args.max_tokens, eos_token_id, args, sampling)
     result = {"token_ids": token_ids, "expert_actors": args.expert_actors, **stats}
     if tokenizer is not None:
         result["text"] = tokenizer.decode(token_ids)
@@ -74,7 +89,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(result.get("text", " ".join(map(str, token_ids))))
 
 
-def generate_on_graph(directory: Path, prompt_ids: list[int], args: argparse.Namespace, sampling: dict) -> tuple[list[int], dict]:
+def generate_on_graph(
+    directory: Path, prompt_ids: list[int], max_tokens: int, eos_token_id: int | None, args: argparse.Namespace,
+    sampling: dict,
+) -> tuple[list[int], dict]:
     """`generate --expert-actors K`: a graph on the embedded (or RAY_ADDRESS) cluster, torn down after."""
     import ray
 
@@ -85,7 +103,7 @@ def generate_on_graph(directory: Path, prompt_ids: list[int], args: argparse.Nam
     graph = ActorGraph.create(spec)
     try:
         router = graph.routers[0]
-        tokens = ray.get(router.generate.remote([prompt_ids], args.max_tokens, eos_token_id=args.eos_token_id, **sampling))[0]
+        tokens = ray.get(router.generate.remote([prompt_ids], max_tokens, eos_token_id=eos_token_id, **sampling))[0]
         stats = ray.get(router.load_stats.remote())
     finally:
         graph.teardown()
@@ -130,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated token ids")
-    prompt.add_argument("--prompt", help="text (needs tokenizer.json in the model folder)")
+    prompt.add_argument("--prompt", help="text (needs tokenizer.json); a chat model's template is applied")
+    gen.add_argument("--raw", action="store_true", help="encode --prompt as is, without the chat template")
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--expert-actors", type=int, default=0, help="0 = one process, no Ray")
     gen.add_argument("--transport", choices=transport_names(), default="objectstore")

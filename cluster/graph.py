@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,38 @@ def expert_name(graph: str, index: int) -> str:
     return f"{graph}-expert-{index}"
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
-    """Join RAY_ADDRESS when set, else start an embedded local cluster."""
-    if not ray.is_initialized():
-        ray.init(namespace=NAMESPACE, **init_kwargs)
+def ensure_ray(**init_kwargs: Any) -> bool:
+    """Join RAY_ADDRESS (or a cluster `ray start` began on this machine), else start an embedded one.
+    Returns whether this process started the cluster (and so must leave nothing of it behind).
+
+    An embedded cluster runs with Ray's token authentication, chosen here rather than left to Ray's
+    default (which warns about it); setting RAY_AUTH_MODE yourself overrides the choice."""
+    if ray.is_initialized():
+        return False
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(namespace=NAMESPACE, **init_kwargs)
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+class _RemovingTheGroupEndsTheGraph(logging.Filter):
+    """Graph actors are detached when serving (they outlive the driver), restartable (a crashed expert
+    comes back) and placed in a placement group (their resources, rescheduled when a node is lost).
+    Ray warns that removing the group kills them for good: that is exactly what `teardown` does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "restartable detached actor with a placement group" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _expected_placement_group_warning_silenced():
+    ray_actor_logger, quiet = logging.getLogger("ray.actor"), _RemovingTheGroupEndsTheGraph()
+    ray_actor_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        ray_actor_logger.removeFilter(quiet)
 
 
 @dataclass
@@ -64,7 +95,13 @@ class ActorGraph:
             lifetime="detached" if spec.detached else None,
         )
         ray.get(group.ready(), timeout=READY_TIMEOUT_S)
+        with _expected_placement_group_warning_silenced():
+            experts, routers = cls._start_actors(spec, group, bundle, placement)
+        return cls(spec, routers, experts, placement, group)
 
+    @staticmethod
+    def _start_actors(spec: ClusterSpec, group: PlacementGroup, bundle: dict, placement: Placement) -> tuple[list, list]:
+        """Expert actors first (routers take their handles), each in its bundle of the group."""
         def options(name: str, bundle_index: int, resources: dict) -> dict:
             return dict(
                 name=name,
@@ -91,7 +128,7 @@ class ActorGraph:
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)
-        return cls(spec, routers, experts, placement, group)
+        return experts, routers
 
     @classmethod
     def find(cls, name: str = "moeray") -> "ActorGraph":

@@ -45,6 +45,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(path)) if path.exists() else None
 
 
+def has_chat_template(directory: str | Path) -> bool:
+    """Whether the folder's tokenizer_config.json names a chat template (a chat model)."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    return path.exists() and bool(json.loads(path.read_text()).get("chat_template"))
+
+
 def build_char_tokenizer(vocab_size: int | None = None) -> Tokenizer:
     """Special tokens (ids 0..6), the words of WORDS, then every printable ASCII character and newline.
 
