@@ -15,6 +15,8 @@ from torch import Tensor
 from model import DeepseekV2Config, LocalExperts
 from model.moe import make_experts
 
+from .wire import WireTensor, from_wire, to_wire
+
 
 IDLE_REPLY = torch.zeros(1)
 
@@ -35,8 +37,11 @@ class ExpertActor:
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
 
-    # ---- the data path ----------------------------------------------------------------------------
-    def forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
+    # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
+    def forward(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, None]:
+        return to_wire(self._forward(layer, from_wire(tokens), counts)), None
+
+    def _forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
         return self.local.forward(layer, tokens, counts, keep_for_backward=False)[0]
 
     def forward_compiled(self, message: tuple[int, Tensor | None, list[int]]) -> Tensor:
@@ -45,15 +50,16 @@ class ExpertActor:
         layer, tokens, counts = message
         if tokens is None:
             return IDLE_REPLY
-        return self.forward(layer, tokens, counts)
+        return self._forward(layer, tokens, counts)
 
-    def forward_train(self, layer: int, tokens: Tensor, counts: list[int]) -> tuple[Tensor, int]:
+    def forward_train(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, int]:
+        tokens = from_wire(tokens)
         with self._train_autocast():
             outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
-        return outputs.to(tokens.dtype), handle  # bf16 autocast: answer in the tokens' dtype
+        return to_wire(outputs.to(tokens.dtype)), handle  # bf16 autocast: answer in the tokens' dtype
 
-    def backward(self, handle: int, grad_outputs: Tensor) -> Tensor:
-        return self.local.backward(handle, grad_outputs)
+    def backward(self, handle: int, grad_outputs: WireTensor) -> WireTensor:
+        return to_wire(self.local.backward(handle, from_wire(grad_outputs)))
 
     # ---- parameters, gradients, optimizer ---------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -1,4 +1,8 @@
-"""Expert load statistics of bounded size: fixed arrays per MoE layer, whatever the traffic."""
+"""Expert load statistics of bounded size, aggregated lazily off the dispatch path.
+
+`record` only appends what a layer's dispatch already computed; every FOLD_EVERY records (and before
+a snapshot) the pending ones are folded into fixed arrays per MoE layer with a few vectorised ops.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from torch import Tensor
 
 from .placement import DispatchPlan
 
+FOLD_EVERY = 64
+
 
 class LoadStats:
     def __init__(self, layers: list[int], n_experts: int, n_actors: int):
@@ -14,6 +20,7 @@ class LoadStats:
         self.reset()
 
     def reset(self) -> None:
+        self.pending: dict[int, list[tuple[list[int], DispatchPlan, Tensor]]] = {layer: [] for layer in self.layers}
         self.tokens_per_expert = {layer: torch.zeros(self.n_experts, dtype=torch.long) for layer in self.layers}
         self.tokens_per_actor = {layer: torch.zeros(self.n_actors, dtype=torch.long) for layer in self.layers}
         self.tokens = {layer: 0 for layer in self.layers}
@@ -22,26 +29,46 @@ class LoadStats:
         self.messages = {layer: 0 for layer in self.layers}
 
     def record(self, layer: int, counts: list[int], plan: DispatchPlan, token_index: Tensor) -> None:
-        self.tokens_per_expert[layer] += torch.tensor(counts, dtype=torch.long)
-        if not len(token_index):
+        pending = self.pending[layer]
+        pending.append((counts, plan, token_index))
+        if len(pending) >= FOLD_EVERY:
+            self._fold(layer)
+
+    def _fold(self, layer: int) -> None:
+        pending, self.pending[layer] = self.pending[layer], []
+        if not pending:
             return
-        n_tokens = int(token_index.max()) + 1
-        reached = torch.zeros(self.n_actors, n_tokens, dtype=torch.bool)
-        for actor, rows in enumerate(plan.rows):
-            self.tokens_per_actor[layer][actor] += len(rows)
-            reached[actor, token_index[rows]] = True
-        per_token = reached.sum(0)
+        self.tokens_per_expert[layer] += torch.tensor([counts for counts, _, _ in pending], dtype=torch.long).sum(0)
+        actor_of_row, token_of_row = [], []
+        n_tokens = 0
+        for _, plan, token_index in pending:
+            if not len(token_index):
+                continue
+            for actor, ranges in enumerate(plan.ranges):
+                for start, end in ranges:
+                    actor_of_row.append(torch.full((end - start,), actor, dtype=torch.long))
+                    token_of_row.append(token_index[start:end] + n_tokens)
+            n_tokens += int(token_index.max()) + 1
+            self.messages[layer] += len(plan.active_actors)
+        if not n_tokens:
+            return
+        actors = torch.cat(actor_of_row)
+        self.tokens_per_actor[layer] += torch.bincount(actors, minlength=self.n_actors)
+        reached = torch.unique(torch.cat(token_of_row) * self.n_actors + actors)  # distinct (token, actor) pairs
+        per_token = torch.bincount(reached // self.n_actors)
         self.tokens[layer] += n_tokens
-        self.actor_visits[layer] += int(per_token.sum())
+        self.actor_visits[layer] += len(reached)
         self.max_actors_per_token[layer] = max(self.max_actors_per_token[layer], int(per_token.max()))
-        self.messages[layer] += len(plan.active_actors)
 
     def expert_load(self) -> dict[int, Tensor]:
+        for layer in self.layers:
+            self._fold(layer)
         return {layer: counts.clone() for layer, counts in self.tokens_per_expert.items()}
 
     def snapshot(self) -> dict:
         layers = {}
         for layer in self.layers:
+            self._fold(layer)
             actor = self.tokens_per_actor[layer].double()
             mean = float(actor.mean())
             layers[str(layer)] = {

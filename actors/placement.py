@@ -8,23 +8,44 @@ swapped in between two steps.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, model_validator
 from torch import Tensor
 
 
-class DispatchPlan(BaseModel):
-    """For one layer and one batch: which rows of the expert-sorted tokens go to which actor."""
+@dataclass(slots=True)
+class DispatchPlan:
+    """For one layer and one batch: which rows of the expert-sorted tokens go to which actor.
 
-    model_config = {"arbitrary_types_allowed": True}
+    Rows are kept as [start, end) ranges: an actor holding a contiguous block of experts, each in one
+    copy, gets a single slice (a view, no gather)."""
 
-    rows: list[Tensor]  # per actor: indices into the expert-sorted tokens, grouped by expert id
+    ranges: list[list[tuple[int, int]]]  # per actor: row ranges in expert order, adjacent ones merged
     counts: list[list[int]]  # per actor: tokens per routed expert (global ids) in its message
 
     @property
     def active_actors(self) -> list[int]:
-        return [a for a, rows in enumerate(self.rows) if len(rows)]
+        return [a for a, ranges in enumerate(self.ranges) if ranges]
+
+    def rows(self, actor: int) -> Tensor:
+        """The actor's rows as indices."""
+        return torch.cat([torch.arange(start, end) for start, end in self.ranges[actor]] or [torch.empty(0, dtype=torch.long)])
+
+    def take(self, tokens: Tensor, actor: int) -> Tensor:
+        """The actor's rows of `tokens`, contiguous."""
+        ranges = self.ranges[actor]
+        if len(ranges) == 1:
+            return tokens[ranges[0][0] : ranges[0][1]].contiguous()
+        return torch.cat([tokens[start:end] for start, end in ranges])
+
+    def put(self, target: Tensor, actor: int, values: Tensor) -> None:
+        """Write the actor's answer rows back into `target` (the inverse of `take`)."""
+        offset = 0
+        for start, end in self.ranges[actor]:
+            target[start:end] = values[offset : offset + end - start]
+            offset += end - start
 
 
 class Placement(BaseModel):
@@ -64,19 +85,23 @@ class Placement(BaseModel):
 
     def plan(self, layer: int, tokens_per_expert: list[int]) -> DispatchPlan:
         """Split expert-sorted rows over actors; a replicated expert's rows go in near-equal chunks."""
-        rows: list[list[Tensor]] = [[] for _ in range(self.n_actors)]
+        ranges: list[list[tuple[int, int]]] = [[] for _ in range(self.n_actors)]
         counts = [[0] * self.n_experts for _ in range(self.n_actors)]
         start = 0
         for e, count in enumerate(tokens_per_expert):
             actors = self.copies[layer][e]
             for i, actor in enumerate(actors):
                 chunk = count // len(actors) + (1 if i < count % len(actors) else 0)
-                if chunk:
-                    rows[actor].append(torch.arange(start, start + chunk))
-                    counts[actor][e] = chunk
-                    start += chunk
-        empty = torch.empty(0, dtype=torch.long)
-        return DispatchPlan(rows=[torch.cat(r) if r else empty for r in rows], counts=counts)
+                if not chunk:
+                    continue
+                mine = ranges[actor]
+                if mine and mine[-1][1] == start:
+                    mine[-1] = (mine[-1][0], start + chunk)
+                else:
+                    mine.append((start, start + chunk))
+                counts[actor][e] = chunk
+                start += chunk
+        return DispatchPlan(ranges, counts)
 
     def actor_load(self, layer: int, tokens_per_expert: Tensor) -> Tensor:
         """Tokens each actor receives under this placement: [n_actors]."""

@@ -66,9 +66,7 @@ class RouterActor:
         return self._worker.submit(fn, *args).result()
 
     async def _step(self, fn: Callable, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        self.objectstore.loop = loop
-        return await loop.run_in_executor(self._worker, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:

@@ -24,6 +24,12 @@ from .spec import ClusterSpec
 NAMESPACE = "moeray"
 READY_TIMEOUT_S = 300
 
+# The graph's own processes, set here rather than by the user: expert messages up to 1 MiB travel inline
+# with the call instead of through the object store (a decode step's are far smaller); and a router
+# waits for its experts with ray.get on its step thread, which never blocks its event loop, so Ray's
+# warning about blocking gets inside async actors does not apply.
+GRAPH_ENV_VARS = {"RAY_max_direct_call_object_size": str(1024**2), "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
+
 
 def router_name(graph: str, index: int) -> str:
     return f"{graph}-router-{index}"
@@ -112,6 +118,7 @@ class ActorGraph:
                 max_restarts=spec.max_restarts,
                 max_task_retries=spec.max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
+                runtime_env={"env_vars": GRAPH_ENV_VARS},
             )
 
         experts = [

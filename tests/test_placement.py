@@ -22,8 +22,8 @@ def test_plan_splits_a_replicated_expert_over_its_copies():
     placement = Placement(n_actors=2, n_experts=3, copies={1: [[0], [0, 1], [1]]})
     plan = placement.plan(1, [2, 5, 1])  # rows 0-1 expert 0, rows 2-6 expert 1, row 7 expert 2
     assert plan.counts == [[2, 3, 0], [0, 2, 1]]
-    assert plan.rows[0].tolist() == [0, 1, 2, 3, 4]
-    assert plan.rows[1].tolist() == [5, 6, 7]
+    assert plan.rows(0).tolist() == [0, 1, 2, 3, 4]
+    assert plan.rows(1).tolist() == [5, 6, 7]
     assert plan.active_actors == [0, 1]
 
 

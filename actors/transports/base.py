@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from typing import ClassVar, NamedTuple
 
@@ -51,7 +50,6 @@ class ExpertTransport(ABC):
 
     def __init__(self, actors: list, settings: TransportSettings, fallback: "ExpertTransport | None" = None):
         self.actors, self.settings, self.fallback = actors, settings, fallback
-        self.loop: asyncio.AbstractEventLoop | None = None  # the router's event loop, once it runs steps
 
     @abstractmethod
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:

@@ -24,16 +24,16 @@ class _RemotePending(PendingExperts):
     def result(self) -> Tensor:
         outputs = torch.empty_like(self.tokens)
         for actor, reply in self.in_flight.receive().items():
-            outputs[self.plan.rows[actor]] = reply.outputs
+            self.plan.put(outputs, actor, reply.outputs)
             if reply.backward_handle is not None:
                 self.handles[actor] = reply.backward_handle
         return outputs
 
     def backward(self, grad_outputs: Tensor) -> Tensor:
-        grads = {actor: grad_outputs[self.plan.rows[actor]].contiguous() for actor in self.handles}
+        grads = {actor: self.plan.take(grad_outputs, actor) for actor in self.handles}
         grad_tokens = torch.zeros_like(self.tokens)
         for actor, grad in self.transport.backward(self.handles, grads).items():
-            grad_tokens[self.plan.rows[actor]] = grad
+            self.plan.put(grad_tokens, actor, grad)
         return grad_tokens
 
 
@@ -46,7 +46,5 @@ class RemoteExperts(ExpertBackend):
     ) -> PendingExperts:
         plan = self.placement.plan(layer, counts)
         self.stats.record(layer, counts, plan, token_index)
-        messages = {
-            actor: (tokens[plan.rows[actor]].contiguous(), plan.counts[actor]) for actor in plan.active_actors
-        }
+        messages = {actor: (plan.take(tokens, actor), plan.counts[actor]) for actor in plan.active_actors}
         return _RemotePending(self.transport, plan, tokens, self.transport.send(layer, messages, keep_for_backward))

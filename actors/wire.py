@@ -1,0 +1,31 @@
+"""Tensors on the wire between routers and expert actors: as numpy arrays, which Ray serializes
+without a pickling copy (torch tensors are pickled through their storage, a copy each way)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Ray hands received arrays over as read-only buffers it owns; the experts never write into them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+class WireTensor(NamedTuple):
+    data: np.ndarray  # the tensor's elements (bfloat16, which numpy lacks, travels as int16 bits)
+    dtype: str
+
+
+def to_wire(tensor: Tensor) -> WireTensor:
+    tensor = tensor.detach().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return WireTensor(tensor.view(torch.int16).numpy(), "bfloat16")
+    return WireTensor(tensor.numpy(), "")
+
+
+def from_wire(message: WireTensor) -> Tensor:
+    tensor = torch.from_numpy(message.data)
+    return tensor.view(torch.bfloat16) if message.dtype == "bfloat16" else tensor
