@@ -33,7 +33,7 @@ from .trainer import (
     latest_checkpoint,
     list_checkpoints,
     make_trainer,
-    restore_driver_rng,
+    restore_training_state,
     save_checkpoint,
 )
 
@@ -201,9 +201,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
         if state is not None:
-            trainer.load_optimizer(checkpoint)
-            restore_driver_rng(state["rng"]["driver"])
-            trainer.set_rng_states(state["rng"]["routers"])
+            restore_training_state(trainer, checkpoint)
         progress = None
         if config.progress:
             from tqdm import tqdm
