@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from model import DeepseekV2Config, LocalExperts
+from model.checkpoint import write_shard
 from model.moe import make_experts
+from model.training import AdamWSettings, NamedAdamW, autocast, grad_sq_norm, gradients, zero_grads
 
 from .wire import WireTensor, from_wire, to_wire
 
@@ -28,8 +30,8 @@ class ExpertActor:
         self.model_dir = model_dir
         self.config = DeepseekV2Config.from_pretrained(model_dir)
         self.local = LocalExperts.from_pretrained(model_dir, self.config, experts)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.optimizer_settings: dict = {}
+        self.optimizer: NamedAdamW | None = None  # set by configure_training
+        self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "experts": self.held()}
@@ -54,46 +56,25 @@ class ExpertActor:
 
     def forward_train(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, int]:
         tokens = from_wire(tokens)
-        with self._train_autocast():
+        with autocast(self.train_dtype):
             outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
         return to_wire(outputs.to(tokens.dtype)), handle  # bf16 autocast: answer in the tokens' dtype
 
     def backward(self, handle: int, grad_outputs: WireTensor) -> WireTensor:
         return to_wire(self.local.backward(handle, from_wire(grad_outputs)))
 
-    # ---- parameters, gradients, optimizer ---------------------------------------------------------
+    # ---- parameters and gradients -------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         return {name: param.detach().clone() for name, param in self.local.named_parameters().items()}
 
     def grads(self) -> dict[str, Tensor]:
-        return {
-            name: param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-            for name, param in self.local.named_parameters().items()
-        }
+        return gradients(self.local.named_parameters())
 
     def zero_grad(self) -> None:
-        for param in self.local.named_parameters().values():
-            param.grad = None
-
-    def configure_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8) -> None:
-        self.optimizer_settings = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-        self.optimizer = torch.optim.AdamW(list(self.local.named_parameters().values()), **self.optimizer_settings)
+        zero_grads(self.local.named_parameters().values())
 
     def grad_sq_norm(self) -> float:
-        return float(sum(p.grad.pow(2).sum() for p in self.local.named_parameters().values() if p.grad is not None))
-
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        """One AdamW step (after the caller's global gradient clipping, as a scale), then zero grads."""
-        if self.optimizer is None:
-            raise RuntimeError("configure_optimizer first")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if grad_scale != 1.0:
-            for param in self.local.named_parameters().values():
-                if param.grad is not None:
-                    param.grad.mul_(grad_scale)
-        self.optimizer.step()
-        self.zero_grad()
+        return grad_sq_norm(self.local.named_parameters().values())
 
     # ---- placement changes ------------------------------------------------------------------------
     def expert_weights(self, layer: int, expert_ids: list[int]) -> dict[int, dict[str, Tensor]]:
@@ -115,34 +96,31 @@ class ExpertActor:
                 updated[str(e)].load_state_dict(weights)
         self.local.experts[layer] = updated
 
-    # ---- training: mixed precision, checkpoint shards and named optimizer state --------------------
+    # ---- training: AdamW, mixed precision, checkpoint shards ----------------------------------------
     # (jobs/trainer.py drives these; the experts' gradients and AdamW state never leave this actor)
-    def set_train_dtype(self, dtype: str) -> None:
-        """bf16 autocast for training forwards (fp32 master weights and AdamW state stay fp32)."""
+    def configure_training(self, optimizer: AdamWSettings, dtype: str = "float32") -> None:
+        """AdamW over the experts held here, and the autocast dtype of training forwards (bf16 keeps
+        fp32 master weights and AdamW state)."""
+        self.optimizer = NamedAdamW(self.local.named_parameters(), optimizer)
         self.train_dtype = dtype
 
-    def _train_autocast(self):
-        from actors.training import autocast
-
-        return autocast(getattr(self, "train_dtype", None))
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """One AdamW step (after the caller's global gradient clipping, as a scale), then zero grads."""
+        self._configured_optimizer().step(lr, grad_scale)
 
     def save_shard(self, path: str) -> dict[str, int]:
         """Write this actor's experts as one safetensors file (HF names); returns name -> bytes."""
-        from actors.training import save_safetensors
-
-        return save_safetensors(self.local.named_parameters(), path)
+        return write_shard(self.local.named_parameters(), path)
 
     def save_optimizer(self, path: str) -> None:
         """AdamW state keyed by parameter name, so any placement can load its slice back."""
-        from actors.training import fsync, named_optimizer_state
-
-        torch.save(named_optimizer_state(self.optimizer, self.local.named_parameters()), path)
-        fsync(path)
+        self._configured_optimizer().save(path)
 
     def load_optimizer(self, paths: list[str]) -> int:
         """Take this actor's parameters' AdamW state from named state files; returns how many found."""
-        from actors.training import load_named_optimizer_state
+        return self._configured_optimizer().load(paths)
 
+    def _configured_optimizer(self) -> NamedAdamW:
         if self.optimizer is None:
-            raise RuntimeError("configure_optimizer first")
-        return load_named_optimizer_state(self.optimizer, self.local.named_parameters(), paths)
+            raise RuntimeError("configure_training first")
+        return self.optimizer

@@ -19,7 +19,9 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts, RaggedBatch
+from model.checkpoint import write_shard
 from model.sampling import SamplingParams, sample_one
+from model.training import AdamWSettings, NamedAdamW, StepParts, dense_parameters, dense_state_dict, next_token_backward
 
 from .load_stats import LoadStats
 from .placement import Placement
@@ -60,6 +62,8 @@ class RouterActor:
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
+        self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
+        self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
 
     def _on_worker(self, fn: Callable, *args: Any) -> Any:
@@ -195,39 +199,42 @@ class RouterActor:
         return await self._step(run)
 
     # ---- training: next-token steps driven by jobs/trainer.py (dense params; experts step on actors) --
-    async def configure_training(self, lr: float, betas: tuple[float, float], weight_decay: float,
-                                 eps: float = 1e-8, dtype: str = "float32") -> None:
-        from actors.training import DenseTraining
+    async def configure_training(self, optimizer: AdamWSettings, dtype: str = "float32") -> None:
+        """AdamW over the dense parameters held here, and the autocast dtype of training forwards."""
 
         def run() -> None:
-            self.training = DenseTraining(self.model, lr, betas, weight_decay, eps, dtype)
+            self.dense_optimizer = NamedAdamW(dense_parameters(self.model), optimizer)
+            self.train_dtype = dtype
 
         await self._step(run)
 
-    async def train_step(self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int) -> dict:
+    async def train_step(self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int) -> StepParts:
         """Forward + backward of this rank's rows; returns loss parts, load and the dense grad norm²."""
-        return await self._step(self.training.forward_backward, input_ids, labels, ce_weight, seed)
+
+        def run() -> StepParts:
+            parts = next_token_backward(self.model, input_ids, labels, ce_weight, seed, self.train_dtype)
+            return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
+
+        return await self._step(run)
 
     async def dense_grads(self) -> dict[str, Tensor]:
-        return await self._step(self.training.grads)
+        return await self._step(self.dense_optimizer.grads)
 
     async def set_dense_grads(self, grads: dict[str, Tensor]) -> None:
-        await self._step(self.training.set_grads, grads)
+        await self._step(self.dense_optimizer.set_grads, grads)
 
     async def apply_train_step(self, lr: float, grad_scale: float) -> None:
-        await self._step(self.training.step, lr, grad_scale)
+        await self._step(self.dense_optimizer.step, lr, grad_scale)
 
     async def save_dense(self, path: str) -> dict[str, int]:
         """Write the dense weights (HF names) as one safetensors file; returns name -> bytes."""
-        from actors.training import save_safetensors
-
-        return await self._step(lambda: save_safetensors(self.training.state_dict(), path))
+        return await self._step(lambda: write_shard(dense_state_dict(self.model), path))
 
     async def save_dense_optimizer(self, path: str) -> None:
-        await self._step(self.training.save_optimizer, path)
+        await self._step(self.dense_optimizer.save, path)
 
     async def load_dense_optimizer(self, paths: list[str]) -> int:
-        return await self._step(self.training.load_optimizer, paths)
+        return await self._step(self.dense_optimizer.load, paths)
 
     async def rng_state(self) -> Tensor:
         return await self._step(torch.get_rng_state)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.training import AdamWSettings
+
 from .data import DataConfig
 
 
@@ -119,6 +121,11 @@ class TrainConfig(BaseModel):
         if self.model.init is None and self.model.preset is None:
             raise ValueError("model: give a preset or an init folder")
         return self
+
+    def adamw(self) -> AdamWSettings:
+        """The optimizer every owner of parameters builds (the lr is the schedule's peak; each step
+        passes its own)."""
+        return AdamWSettings(lr=self.schedule.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

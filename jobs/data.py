@@ -22,8 +22,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from model.tokenizer import ChatTokenizer
-
-IGNORE = -100  # label of a position that is not learned
+from model.training import IGNORE_INDEX
 
 
 # ---- the synthetic arithmetic chat task -----------------------------------------------------------
@@ -121,12 +120,12 @@ def write_records(records: list[dict[str, Any]], path: str | Path) -> None:
 @dataclass
 class Sample:
     ids: list[int]
-    labels: list[int]  # labels[t] = ids[t+1] when that token is learned, else IGNORE; same length as ids
+    labels: list[int]  # labels[t] = ids[t+1] when that token is learned, else IGNORE_INDEX; same length as ids
 
 
 def shifted_labels(ids: list[int], learn: list[bool]) -> list[int]:
     """Next-token labels: position t predicts ids[t+1] when learn[t+1]; the last position predicts nothing."""
-    return [ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    return [ids[t + 1] if learn[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
 def tokenize_record(
@@ -177,7 +176,7 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int, packing: bool = True)
     if ids:
         rows.append((ids, labels))
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     for r, (row_ids, row_labels) in enumerate(rows):
         input_ids[r, : len(row_ids)] = torch.tensor(row_ids)
         targets[r, : len(row_labels)] = torch.tensor(row_labels)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import yaml
 
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
@@ -29,11 +32,12 @@ from .config import TrainConfig, load_config
 from .data import TrainingData
 from .trainer import (
     STATE_FILE,
+    Trainer,
     export_model,
     latest_checkpoint,
     list_checkpoints,
     make_trainer,
-    restore_driver_rng,
+    restore_training_state,
     save_checkpoint,
 )
 
@@ -66,8 +70,6 @@ def model_config(config: TrainConfig) -> DeepseekV2Config:
 
 def write_init(config: TrainConfig, directory: Path) -> Path:
     """The step-0 model folder every actor loads its slice from (random init, or a copy of `init`)."""
-    import shutil
-
     cfg = model_config(config)
     if directory.exists():
         shutil.rmtree(directory)
@@ -164,89 +166,96 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 # ---- the training loop ----------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """The run folder, with no half-written checkpoint in it; refuses to start over unless told to."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if not resume and list_checkpoints(run_dir):
         if not overwrite:
             raise SystemExit(f"{run_dir} already has checkpoints: pass --resume, --overwrite or another run_dir")
-        import shutil
-
         for _, path in list_checkpoints(run_dir):
             shutil.rmtree(path)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     for stale in run_dir.glob("checkpoint-*.tmp"):  # left by a crash mid-write: never complete
-        import shutil
-
         shutil.rmtree(stale, ignore_errors=True)
-    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return run_dir
 
+
+@dataclass
+class Start:
+    """Where a run starts: the model folder to load, the step, the data position, and the checkpoint
+    whose optimizer and RNG states to restore (None at step 0)."""
+
+    model_dir: Path
+    step: int
+    data_position: int
+    checkpoint: Path | None
+
+
+def find_start(config: TrainConfig, run_dir: Path, resume: bool) -> Start:
+    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        model_dir, start_step, position = checkpoint, state["step"], state["data_position"]
-        log(f"resuming from {checkpoint} (step {start_step}, data position {position})")
-    else:
-        if resume:
-            log(f"no complete checkpoint in {run_dir}: starting from step 0")
-        model_dir, start_step, position, state = write_init(config, run_dir / INIT_DIR), 0, 0, None
-    tokenizer = ChatTokenizer.from_pretrained(model_dir)
-    data = TrainingData(config.data, tokenizer, config.seq_len, config.seed)
-    batches = data.batches(config.batch_size, position)
+        log(f"resuming from {checkpoint} (step {state['step']}, data position {state['data_position']})")
+        return Start(checkpoint, state["step"], state["data_position"], checkpoint)
+    if resume:
+        log(f"no complete checkpoint in {run_dir}: starting from step 0")
+    return Start(write_init(config, run_dir / INIT_DIR), 0, 0, None)
 
-    trainer = make_trainer(config, model_dir)
-    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start_step)
-    result: dict[str, Any] = {"run_dir": str(run_dir)}
-    try:
-        if state is not None:
-            trainer.load_optimizer(checkpoint)
-            restore_driver_rng(state["rng"]["driver"])
-            trainer.set_rng_states(state["rng"]["routers"])
-        progress = None
-        if config.progress:
-            from tqdm import tqdm
 
-            progress = tqdm(total=config.steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True)
-        started = time.perf_counter()
-        trained_tokens = 0
-        last_checkpoint = checkpoint
-        for step in range(start_step, config.steps):
-            input_ids, labels, position = next(batches)
-            lr = config.schedule.lr_at(step, config.steps)
-            t0 = time.perf_counter()
-            record = trainer.step(step, input_ids, labels, lr)
-            elapsed = time.perf_counter() - t0
-            trained_tokens += record["tokens"]
-            record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
-            metrics.write(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, model_dir)
-                if config.plot:
-                    plot(metrics.records, run_dir / PLOT_FILE)
+def run_steps(
+    config: TrainConfig,
+    trainer: Trainer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]],
+    start: Start,
+    run_dir: Path,
+    metrics: MetricsLog,
+) -> dict[str, Any]:
+    """The optimizer steps from start.step to config.steps, a checkpoint every checkpoint_every."""
+    progress = None
+    if config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.steps, initial=start.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+    started = time.perf_counter()
+    trained_tokens = 0
+    last_checkpoint = start.checkpoint
+    for step in range(start.step, config.steps):
+        input_ids, labels, position = next(batches)
+        lr = config.schedule.lr_at(step, config.steps)
+        t0 = time.perf_counter()
+        record = trainer.step(step, input_ids, labels, lr)
+        elapsed = time.perf_counter() - t0
+        trained_tokens += record["tokens"]
+        record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
+        metrics.write(record)
         if progress is not None:
-            progress.close()
-        wall = time.perf_counter() - started
-        result.update(
-            steps=config.steps,
-            started_at_step=start_step,
-            train_seconds=round(wall, 2),
-            tokens_per_s=round(trained_tokens / wall, 1) if wall > 0 else None,
-            final_loss=metrics.records[-1]["loss"] if metrics.records else None,
-            checkpoint=str(last_checkpoint) if last_checkpoint else None,
-        )
-    finally:
-        metrics.close()
-        trainer.close()
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.model_dir)
+            if config.plot:
+                plot(metrics.records, run_dir / PLOT_FILE)
+    if progress is not None:
+        progress.close()
+    wall = time.perf_counter() - started
+    return {
+        "steps": config.steps,
+        "started_at_step": start.step,
+        "train_seconds": round(wall, 2),
+        "tokens_per_s": round(trained_tokens / wall, 1) if wall > 0 else None,
+        "final_loss": metrics.records[-1]["loss"] if metrics.records else None,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+    }
 
-    if config.plot:
-        plot(metrics.records, run_dir / PLOT_FILE)
+
+def evaluate_and_export(config: TrainConfig, run_dir: Path, result: dict[str, Any]) -> None:
+    """Held-out exact match of the final checkpoint (arithmetic task) and the export, into `result`."""
     final = Path(result["checkpoint"]) if result.get("checkpoint") else None
-    if final is not None and config.eval.arith_heldout > 0 and config.data.source == "arith":
+    if final is None:
+        return
+    if config.eval.arith_heldout > 0 and config.data.source == "arith":
         from .eval_arith import evaluate_folder
 
         evaluation = evaluate_folder(final, config.data.arith, config.eval.arith_heldout, config.eval.max_new_tokens)
@@ -254,11 +263,35 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         result["heldout_n"] = evaluation["n"]
         (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
         log(f"held-out exact match {evaluation['exact_match']:.4f} on {evaluation['n']} questions")
-    if final is not None and config.export_dir:
+    if config.export_dir:
         export_model(final, Path(config.export_dir))
         if (run_dir / "eval.json").exists():
             (Path(config.export_dir) / "eval_results.json").write_text((run_dir / "eval.json").read_text())
         result["exported"] = config.export_dir
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    run_dir = prepare_run_dir(config, resume, overwrite)
+    start = find_start(config, run_dir, resume)
+    tokenizer = ChatTokenizer.from_pretrained(start.model_dir)
+    data = TrainingData(config.data, tokenizer, config.seq_len, config.seed)
+    batches = data.batches(config.batch_size, start.data_position)
+
+    trainer = make_trainer(config, start.model_dir)
+    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
+    try:
+        if start.checkpoint is not None:
+            restore_training_state(trainer, start.checkpoint)
+        result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
+    finally:
+        metrics.close()
+        trainer.close()
+
+    if config.plot:
+        plot(metrics.records, run_dir / PLOT_FILE)
+    evaluate_and_export(config, run_dir, result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

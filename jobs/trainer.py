@@ -8,17 +8,17 @@ A graph step (routers are data-parallel ranks, expert actors own their experts' 
    back (fine for small models; a collective all-reduce is the scalable version);
 3. global norm = sqrt(dense norm² + Σ actors' expert norm² / ranks²), clip scale = min(1, clip / norm);
 4. routers step their dense AdamW with that scale, expert actors with scale / ranks (the mean over ranks).
+Every owner steps with the same `model.training.NamedAdamW`; the one-process trainer holds two of them
+(dense, experts), so its step and its checkpoints are the graph's with one rank and one expert actor.
 
 Checkpoints are Hugging Face folders written in place by the owners: router 0 writes the dense
-tensors, each expert actor its own experts, the driver config.json, the index and trainer_state.json,
-all into `checkpoint-<step>.tmp/`, which is then renamed (atomically) to `checkpoint-<step>/`.
+tensors, each expert actor its own experts, the driver config.json, the index, the RNG states
+(`rng_state.pt`, tensors) and, last, trainer_state.json, all into `checkpoint-<step>.tmp/`, which is
+then renamed (atomically) to `checkpoint-<step>/`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import math
 import os
 import random
@@ -31,31 +31,47 @@ from typing import Any
 
 import torch
 
-from actors.training import (
-    DenseTraining,
-    decay_groups,
-    fsync,
-    is_routed_expert,
-    load_named_optimizer_state,
-    named_optimizer_state,
-    save_safetensors,
-    step_seed,
-)
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.checkpoint import INDEX_FILE
+from model.checkpoint import fsync, write_index, write_json_atomic, write_shard
 from model.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from model.training import (
+    NamedAdamW,
+    StepParts,
+    dense_parameters,
+    dense_state_dict,
+    is_routed_expert,
+    learned_tokens,
+    next_token_backward,
+)
 
 from .config import TrainConfig
 
 DENSE_FILE = "model-dense.safetensors"
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.pt"
 OPTIMIZER_DIR = "optimizer"
+DENSE_OPTIMIZER_FILE = "dense.pt"
 LATEST_FILE = "latest"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def expert_file(index: int) -> str:
     return f"model-experts-{index:05d}.safetensors"
+
+
+def expert_optimizer_file(index: int) -> str:
+    return f"experts-{index:05d}.pt"
+
+
+def expert_optimizer_files(checkpoint: Path) -> list[Path]:
+    """Every expert actor's AdamW state in a checkpoint: each owner picks its parameters' out of all."""
+    return sorted((checkpoint / OPTIMIZER_DIR).glob("experts-*.pt"))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one rank's forward at one step (token dropping draws its exempt sequences
+    from torch's global RNG): a pure function of the step, so a resumed run draws the same."""
+    return (seed * 1_000_003 + step) * 1024 + rank
 
 
 def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
@@ -65,40 +81,23 @@ def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
     return min(1.0, grad_clip / (grad_norm + 1e-6))
 
 
-def combine_parts(parts: list[dict[str, Any]], n_learned: int) -> dict[str, Any]:
+def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
     """Loss parts of the ranks -> the global batch's loss (token-mean CE + mean balance losses)."""
-    ce = sum(p["ce_sum"] for p in parts) / max(n_learned, 1)
-    balance = {name: sum(p["balance"][name] for p in parts) / len(parts) for name in parts[0]["balance"]}
+    ce = sum(p.ce_sum for p in parts) / max(n_learned, 1)
+    balance = {name: sum(p.balance[name] for p in parts) / len(parts) for name in parts[0].balance}
     load: dict[int, list[int]] = {}
     for p in parts:
-        for layer, counts in p["tokens_per_expert"].items():
+        for layer, counts in p.tokens_per_expert.items():
             load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts)]
     return {
         "loss": ce + sum(balance.values()),
         "ce": ce,
         **{f"balance_{name}": value for name, value in balance.items()},
-        "dropped_fraction": sum(p["dropped_fraction"] for p in parts) / len(parts),
-        "tokens": sum(p["tokens"] for p in parts),
+        "dropped_fraction": sum(p.dropped_fraction for p in parts) / len(parts),
+        "tokens": sum(p.tokens for p in parts),
         "learned_tokens": n_learned,
         "expert_load": {str(layer): counts for layer, counts in sorted(load.items())},
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    fsync(tmp)
-    os.replace(tmp, path)
-
-
-def tensor_to_b64(t: torch.Tensor) -> str:
-    buffer = io.BytesIO()
-    torch.save(t, buffer)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def b64_to_tensor(text: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
 
 
 # ---- checkpoint folders ---------------------------------------------------------------------------
@@ -118,13 +117,6 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
-
-
-def write_index(directory: Path, sizes: dict[str, dict[str, int]]) -> None:
-    """model.safetensors.index.json over the files the owners wrote (file -> {name: bytes})."""
-    weight_map = {name: file for file, names in sizes.items() for name in names}
-    total = sum(n for names in sizes.values() for n in names.values())
-    write_json_atomic(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def finish_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
@@ -152,15 +144,27 @@ def copy_tokenizer(source: Path, target: Path) -> None:
             shutil.copy2(source / name, target / name)
 
 
-def driver_rng_state() -> dict[str, Any]:
-    return {"torch": tensor_to_b64(torch.get_rng_state()), "python": repr(random.getstate())}
+def save_rng_states(path: Path, router_states: list[torch.Tensor]) -> None:
+    """The driver's torch and Python RNG states and each router's torch state, as tensors."""
+    _, python_state, gauss_next = random.getstate()
+    states = {
+        "driver.torch": torch.get_rng_state(),
+        "driver.python": torch.tensor(python_state, dtype=torch.int64),
+        "driver.python_gauss": torch.tensor([] if gauss_next is None else [gauss_next], dtype=torch.float64),
+        **{f"router.{rank}.torch": state for rank, state in enumerate(router_states)},
+    }
+    torch.save(states, path)
+    fsync(path)
 
 
-def restore_driver_rng(state: dict[str, Any]) -> None:
-    import ast
-
-    torch.set_rng_state(b64_to_tensor(state["torch"]))
-    random.setstate(ast.literal_eval(state["python"]))
+def load_rng_states(path: Path) -> list[torch.Tensor]:
+    """Restore the driver's RNG states; returns the routers' (by rank)."""
+    states = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(states["driver.torch"])
+    gauss = states["driver.python_gauss"].tolist()
+    random.setstate((random.Random.VERSION, tuple(states["driver.python"].tolist()), gauss[0] if gauss else None))
+    ranks = sum(name.startswith("router.") for name in states)
+    return [states[f"router.{rank}.torch"] for rank in range(ranks)]
 
 
 # ---- trainers -------------------------------------------------------------------------------------
@@ -182,10 +186,11 @@ class Trainer:
     def load_optimizer(self, checkpoint: Path) -> None:
         raise NotImplementedError
 
-    def rng_states(self) -> list[str]:
+    def rng_states(self) -> list[torch.Tensor]:
+        """The torch RNG state of each rank that is not this process (the driver's is saved anyway)."""
         return []
 
-    def set_rng_states(self, states: list[str]) -> None:
+    def set_rng_states(self, states: list[torch.Tensor]) -> None:
         pass
 
     def close(self) -> None:
@@ -193,61 +198,42 @@ class Trainer:
 
 
 class LocalTrainer(Trainer):
-    """The whole model in this process: the same dense step as a router, the experts stepped by an
-    AdamW of their own exactly as an expert actor does."""
+    """The whole model in this process: the dense parameters stepped as a router steps them, the
+    experts by an optimizer of their own exactly as an expert actor steps them."""
 
     def __init__(self, config: TrainConfig, model_dir: Path):
         self.config = config
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir)
         self.model_config = self.model.config
-        self.dense = DenseTraining(self.model, config.schedule.lr, config.betas, config.weight_decay, config.eps, config.dtype)
-        self.expert_params = {n: p for n, p in self.model.named_parameters() if is_routed_expert(n)}
-        for p in self.expert_params.values():
-            p.requires_grad_(True)
-        self.expert_optimizer = torch.optim.AdamW(
-            list(self.expert_params.values()),
-            lr=config.schedule.lr,
-            betas=tuple(config.betas),
-            weight_decay=config.weight_decay,
-            eps=config.eps,
-        ) if self.expert_params else None
+        settings = config.adamw()
+        self.dense = NamedAdamW(dense_parameters(self.model), settings)
+        expert_params = {n: p for n, p in self.model.named_parameters() if is_routed_expert(n)}
+        self.experts = NamedAdamW(expert_params, settings) if expert_params else None
+        self.owners = [owner for owner in (self.dense, self.experts) if owner is not None]
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
-        n_learned = int((labels != -100).sum())
-        parts = self.dense.forward_backward(input_ids, labels, 1.0 / max(n_learned, 1), step_seed(self.config.seed, step, 0))
-        expert_sq = float(sum(p.grad.double().pow(2).sum() for p in self.expert_params.values() if p.grad is not None))
-        grad_norm = math.sqrt(parts["dense_grad_sq"] + expert_sq)
+        n_learned = learned_tokens(labels)
+        seed = step_seed(self.config.seed, step, 0)
+        parts = next_token_backward(self.model, input_ids, labels, 1.0 / max(n_learned, 1), seed, self.config.dtype)
+        grad_norm = math.sqrt(sum(owner.grad_sq_norm() for owner in self.owners))
         scale = clip_scale(grad_norm, self.config.grad_clip)
-        if self.expert_optimizer is not None:
-            for group in self.expert_optimizer.param_groups:
-                group["lr"] = lr
-            for p in self.expert_params.values():
-                if p.grad is not None and scale != 1.0:
-                    p.grad.mul_(scale)
-            self.expert_optimizer.step()
-        self.dense.step(lr, scale)  # also zeroes every gradient of the model
+        for owner in self.owners:
+            owner.step(lr, scale)
         return {**combine_parts([parts], n_learned), "grad_norm": grad_norm}
 
     def save(self, directory: Path) -> None:
-        sizes = {DENSE_FILE: save_safetensors(self.dense.state_dict(), directory / DENSE_FILE)}
-        if self.expert_params:
-            sizes[expert_file(0)] = save_safetensors(self.expert_params, directory / expert_file(0))
-        write_index(directory, sizes)
         (directory / OPTIMIZER_DIR).mkdir(exist_ok=True)
-        self.dense.save_optimizer(directory / OPTIMIZER_DIR / "dense.pt")
-        if self.expert_optimizer is not None:
-            path = directory / OPTIMIZER_DIR / "experts-00000.pt"
-            torch.save(named_optimizer_state(self.expert_optimizer, self.expert_params), path)
-            fsync(path)
+        sizes = {DENSE_FILE: write_shard(dense_state_dict(self.model), directory / DENSE_FILE)}
+        self.dense.save(directory / OPTIMIZER_DIR / DENSE_OPTIMIZER_FILE)
+        if self.experts is not None:
+            sizes[expert_file(0)] = write_shard(self.experts.params, directory / expert_file(0))
+            self.experts.save(directory / OPTIMIZER_DIR / expert_optimizer_file(0))
+        write_index(directory, sizes)
 
     def load_optimizer(self, checkpoint: Path) -> None:
-        self.dense.load_optimizer([checkpoint / OPTIMIZER_DIR / "dense.pt"])
-        if self.expert_optimizer is not None:
-            paths = sorted((checkpoint / OPTIMIZER_DIR).glob("experts-*.pt"))
-            load_named_optimizer_state(self.expert_optimizer, self.expert_params, paths)
-
-    def rng_states(self) -> list[str]:
-        return [tensor_to_b64(torch.get_rng_state())]
+        self.dense.load([checkpoint / OPTIMIZER_DIR / DENSE_OPTIMIZER_FILE])
+        if self.experts is not None:
+            self.experts.load(expert_optimizer_files(checkpoint))
 
 
 class GraphTrainer(Trainer):
@@ -274,17 +260,14 @@ class GraphTrainer(Trainer):
         )
         self.graph = ActorGraph.create(spec)
         self.routers, self.experts = self.graph.routers, self.graph.experts
-        ray.get(
-            [r.configure_training.remote(config.schedule.lr, config.betas, config.weight_decay, config.eps, config.dtype) for r in self.routers]
-            + [e.configure_optimizer.remote(config.schedule.lr, config.betas, config.weight_decay, config.eps) for e in self.experts]
-            + [e.set_train_dtype.remote(config.dtype) for e in self.experts]
-        )
+        settings = config.adamw()
+        ray.get([owner.configure_training.remote(settings, config.dtype) for owner in [*self.routers, *self.experts]])
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
         ray, ranks = self.ray, len(self.routers)
-        n_learned = int((labels != -100).sum())
+        n_learned = learned_tokens(labels)
         ce_weight = ranks / max(n_learned, 1)
-        parts = ray.get([
+        parts: list[StepParts] = ray.get([
             router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank))
             for rank, (router, ids, lab) in enumerate(zip(self.routers, input_ids.chunk(ranks), labels.chunk(ranks)))
         ])
@@ -295,7 +278,7 @@ class GraphTrainer(Trainer):
             dense_sq = float(sum(g.double().pow(2).sum() for g in mean.values()))
             ray.get([r.set_dense_grads.remote(mean) for r in self.routers])
         else:
-            dense_sq = parts[0]["dense_grad_sq"]
+            dense_sq = parts[0].dense_grad_sq
         expert_sq = sum(ray.get(expert_sq_ref)) / ranks**2
         grad_norm = math.sqrt(dense_sq + expert_sq)
         scale = clip_scale(grad_norm, self.config.grad_clip)
@@ -311,8 +294,8 @@ class GraphTrainer(Trainer):
         directory = directory.resolve()
         dense = self.routers[0].save_dense.remote(str(directory / DENSE_FILE))
         experts = [e.save_shard.remote(str(directory / expert_file(i))) for i, e in enumerate(self.experts)]
-        optimizers = [self.routers[0].save_dense_optimizer.remote(str(directory / OPTIMIZER_DIR / "dense.pt"))] + [
-            e.save_optimizer.remote(str(directory / OPTIMIZER_DIR / f"experts-{i:05d}.pt")) for i, e in enumerate(self.experts)
+        optimizers = [self.routers[0].save_dense_optimizer.remote(str(directory / OPTIMIZER_DIR / DENSE_OPTIMIZER_FILE))] + [
+            e.save_optimizer.remote(str(directory / OPTIMIZER_DIR / expert_optimizer_file(i))) for i, e in enumerate(self.experts)
         ]
         sizes = {DENSE_FILE: ray.get(dense)}
         for i, ref in enumerate(experts):
@@ -323,16 +306,16 @@ class GraphTrainer(Trainer):
     def load_optimizer(self, checkpoint: Path) -> None:
         ray = self.ray
         checkpoint = checkpoint.resolve()
-        dense = [str(checkpoint / OPTIMIZER_DIR / "dense.pt")]
-        experts = [str(p) for p in sorted((checkpoint / OPTIMIZER_DIR).glob("experts-*.pt"))]
+        dense = [str(checkpoint / OPTIMIZER_DIR / DENSE_OPTIMIZER_FILE)]
+        experts = [str(p) for p in expert_optimizer_files(checkpoint)]
         ray.get([r.load_dense_optimizer.remote(dense) for r in self.routers] + [e.load_optimizer.remote(experts) for e in self.experts])
 
-    def rng_states(self) -> list[str]:
-        return [tensor_to_b64(t) for t in self.ray.get([r.rng_state.remote() for r in self.routers])]
+    def rng_states(self) -> list[torch.Tensor]:
+        return self.ray.get([r.rng_state.remote() for r in self.routers])
 
-    def set_rng_states(self, states: list[str]) -> None:
-        if len(states) == len(self.routers):
-            self.ray.get([r.set_rng_state.remote(b64_to_tensor(s)) for r, s in zip(self.routers, states)])
+    def set_rng_states(self, states: list[torch.Tensor]) -> None:
+        if len(states) == len(self.routers):  # another number of ranks draws from fresh streams
+            self.ray.get([r.set_rng_state.remote(state) for r, state in zip(self.routers, states)])
 
     def close(self) -> None:
         self.graph.teardown()
@@ -351,16 +334,22 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, step: int, data_position: i
     trainer.model_config.model_copy(update={"torch_dtype": "float32"}).save_pretrained(tmp)
     copy_tokenizer(model_dir, tmp)
     trainer.save(tmp)
+    save_rng_states(tmp / RNG_FILE, trainer.rng_states())
     state = {
         "step": step,
         "data_position": data_position,
         "seed": trainer.config.seed,
-        "rng": {"driver": driver_rng_state(), "routers": trainer.rng_states()},
         "time": time.time(),
         **(extra or {}),
     }
     write_json_atomic(tmp / STATE_FILE, state)
     return finish_checkpoint(run_dir, tmp, step, trainer.config.keep_checkpoints)
+
+
+def restore_training_state(trainer: Trainer, checkpoint: Path) -> None:
+    """Optimizer states and RNG states of a checkpoint (the weights are loaded from it at start-up)."""
+    trainer.load_optimizer(checkpoint)
+    trainer.set_rng_states(load_rng_states(checkpoint / RNG_FILE))
 
 
 def export_model(checkpoint: Path, target: Path) -> None:
@@ -369,5 +358,5 @@ def export_model(checkpoint: Path, target: Path) -> None:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     for path in checkpoint.iterdir():
-        if path.is_file() and path.name != STATE_FILE:
+        if path.is_file() and path.name not in (STATE_FILE, RNG_FILE):
             shutil.copy2(path, target / path.name)

@@ -1,4 +1,5 @@
-"""Safetensors in Hugging Face names: single file or sharded with an index; partial reads.
+"""Safetensors in Hugging Face names: single file or sharded with an index; partial reads; the
+shards and the one index writer of checkpoints whose owners write their own files (training).
 
 An expert actor asks for its own experts' tensors only; `safe_open` maps the file and copies just
 those, so no process ever materialises the whole model to load a slice of it.
@@ -81,11 +82,42 @@ def save_tensors(directory: str | Path, tensors: dict[str, Tensor], max_shard_by
     if len(shards) == 1:
         save_file(shards[0], path / SINGLE_FILE, metadata=metadata)
         return
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for file, shard in zip(files, shards):
         save_file(shard, path / file, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_index(path, {file: tensor_sizes(shard) for file, shard in zip(files, shards)})
+
+
+def tensor_sizes(tensors: dict[str, Tensor]) -> dict[str, int]:
+    return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+def write_shard(tensors: dict[str, Tensor], path: str | Path) -> dict[str, int]:
+    """One safetensors file of a checkpoint whose owners write their own shards (a training
+    checkpoint: the dense file, one file per expert actor), flushed to disk; returns name -> bytes
+    for `write_index`."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    fsync(path)
+    return tensor_sizes(tensors)
+
+
+def write_index(directory: str | Path, sizes: dict[str, dict[str, int]]) -> None:
+    """model.safetensors.index.json over the files written (file -> {tensor name: bytes}), atomically."""
+    weight_map = {name: file for file, names in sizes.items() for name in names}
+    total = sum(n for names in sizes.values() for n in names.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(Path(directory) / INDEX_FILE, index)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write, flush to disk, then rename over `path`: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    fsync(tmp)
+    os.replace(tmp, path)
+
+
+def fsync(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -17,10 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors.training import step_seed
 from jobs.config import Schedule, TrainConfig, load_config
 from jobs.data import (
-    IGNORE,
     ArithConfig,
     DataConfig,
     Sample,
@@ -33,9 +31,11 @@ from jobs.data import (
     tokenize_record,
     write_records,
 )
+from jobs.trainer import step_seed
 from model import DeepseekV2ForCausalLM
 from model.checkpoint import load_tensors, tensor_files
 from model.tokenizer import ChatTokenizer
+from model.training import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -81,16 +81,16 @@ def test_chat_loss_mask_covers_assistant_tokens_only(tokenizer):
     assert tokenizer.encode_chats_with_masks([messages]) == [(ids, mask)]
     sample = tokenize_record({"messages": messages}, tokenizer, "chat")
     assert sample.labels == shifted_labels(ids, mask)
-    assert [t for t in sample.labels if t != IGNORE] == [t for t, m in zip(ids, mask) if m]
+    assert [t for t in sample.labels if t != IGNORE_INDEX] == [t for t, m in zip(ids, mask) if m]
 
 
 def test_pretraining_text_learns_every_token_and_long_texts_are_cut(tokenizer):
     sample = tokenize_record({"text": "abc"}, tokenizer, "text")
     assert sample.ids[0] == tokenizer.bos_token_id and sample.ids[-1] == tokenizer.eos_token_id
-    assert sample.labels == sample.ids[1:] + [IGNORE]
+    assert sample.labels == sample.ids[1:] + [IGNORE_INDEX]
     ids, labels = pack([tokenize_record({"text": "x" * 30}, tokenizer, "text")], seq_len=8, pad_id=0)
     assert ids.shape == (4, 8)  # 32 tokens; the last token of a piece still predicts the next piece's first
-    assert int((labels != IGNORE).sum()) == 31 and labels[0, -1] == ids[1, 0]
+    assert int((labels != IGNORE_INDEX).sum()) == 31 and labels[0, -1] == ids[1, 0]
 
 
 def test_packing_fills_rows_and_never_learns_across_samples():
@@ -98,8 +98,9 @@ def test_packing_fills_rows_and_never_learns_across_samples():
     ids, labels = pack(samples, seq_len=10, pad_id=0, packing=True)
     assert ids.shape == (3, 10)  # 2 + 2 + 1 samples of 4 tokens
     assert ids[0].tolist() == [1, 10, 11, 2, 1, 11, 12, 2, 0, 0]
-    assert labels[0].tolist() == [IGNORE, 11, 2, IGNORE, IGNORE, 12, 2, IGNORE, IGNORE, IGNORE]
-    assert int((labels != IGNORE).sum()) == 10
+    no = IGNORE_INDEX
+    assert labels[0].tolist() == [no, 11, 2, no, no, 12, 2, no, no, no]
+    assert int((labels != IGNORE_INDEX).sum()) == 10
     unpacked, _ = pack(samples, seq_len=10, pad_id=0, packing=False)
     assert unpacked.shape == (5, 10)
 
@@ -151,6 +152,23 @@ def test_config_overrides_and_validation():
         load_config(SMOKE, ["no_such_key=1"])
 
 
+def test_rng_states_are_saved_as_tensors_and_restore_the_same_draws(tmp_path):
+    import random
+
+    from jobs.trainer import load_rng_states, save_rng_states
+
+    random.gauss(0, 1)  # leaves a cached second normal in Python's state: it must survive too
+    routers = [torch.Generator().manual_seed(rank).get_state() for rank in range(2)]
+    save_rng_states(tmp_path / "rng.pt", routers)
+    expected = (torch.rand(4), random.random(), random.gauss(0, 1))
+    torch.manual_seed(123)
+    random.seed(123)
+    restored = load_rng_states(tmp_path / "rng.pt")
+    assert torch.equal(torch.rand(4), expected[0]) and (random.random(), random.gauss(0, 1)) == expected[1:]
+    assert all(torch.equal(a, b) for a, b in zip(restored, routers)) and len(restored) == 2
+    assert all(isinstance(t, torch.Tensor) for t in torch.load(tmp_path / "rng.pt", weights_only=True).values())
+
+
 # ---- one step: the actor graph vs one process ------------------------------------------------------
 
 
@@ -171,12 +189,12 @@ def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: flo
     model = DeepseekV2ForCausalLM.from_pretrained(folder).train()
     for p in model.parameters():
         p.requires_grad_(True)
-    n_learned = (labels != IGNORE).sum()
+    n_learned = (labels != IGNORE_INDEX).sum()
     total = 0.0
     for rank, (ids, lab) in enumerate(zip(input_ids.chunk(ranks), labels.chunk(ranks))):
         torch.manual_seed(step_seed(config.seed, 0, rank))
         out = model(ids)
-        ce_sum = F.cross_entropy(out.logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
+        ce_sum = F.cross_entropy(out.logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         loss = ce_sum / n_learned + sum(out.balance_losses.values()) / ranks
         loss.backward()
         total += float(loss.detach())
