@@ -256,7 +256,7 @@ def legacy_sort(resources: list[dict]) -> list[dict]:
 
 # ---- --set ---------------------------------------------------------------------------------------
 
-_SET = re.compile(r"^(?P<kind>[A-Za-z][A-Za-z0-9]*)(?:/(?P<name>[^:]+))?:(?P<path>[^=]+)=(?P<value>.*)$", re.S)
+_SELECTOR = re.compile(r"^(?P<kind>[A-Za-z][A-Za-z0-9]*)(?:/(?P<name>[^/]+))?$")
 _SEGMENT = re.compile(r'\.?([A-Za-z0-9_-]+)|\[(\d+)\]|\["([^"]+)"\]|\[([^\]=]+)=([^\]]*)\]')
 
 
@@ -290,21 +290,33 @@ def _select_resource(resources: list[dict], kind: str, name: str | None) -> dict
     raise RenderError(f"--set: {kind} matches {len(matches)} resources ({names}): name one as {kind}/NAME")
 
 
+def split_assignment(assignment: str) -> tuple[str, str | None, str, str]:
+    """`KIND[/NAME]:PATH=VALUE` -> (kind, name, path, value); an `=` inside [...] belongs to the path."""
+    selector, colon, rest = assignment.partition(":")
+    depth = 0
+    for position, char in enumerate(rest):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "=" and depth == 0:
+            match = _SELECTOR.match(selector)
+            if colon and match and position:
+                return match["kind"], match["name"], rest[:position].strip(), rest[position + 1:]
+            break
+    raise RenderError(f"--set {assignment!r}: expected KIND[/NAME]:PATH=VALUE")
+
+
 def apply_set(resources: list[dict], assignment: str) -> None:
-    match = _SET.match(assignment)
-    if match is None:
-        raise RenderError(f"--set {assignment!r}: expected KIND[/NAME]:PATH=VALUE")
-    node: Any = _select_resource(resources, match["kind"], match["name"])
-    *parents, last = parse_path(match["path"].strip())
+    kind, name, path, text = split_assignment(assignment)
+    node: Any = _select_resource(resources, kind, name)
+    *parents, last = parse_path(path)
     for segment in parents:
         node = _step(node, segment, assignment, create=True)
-    value = yaml.load(match["value"], Loader=Loader)
+    value = yaml.load(text, Loader=Loader)
     if isinstance(last, str) and isinstance(node, dict):
         node[last] = value
     elif isinstance(last, int) and isinstance(node, list) and last < len(node):
         node[last] = value
     else:
-        raise RenderError(f"--set {assignment!r}: {last!r} cannot be set there")
+        raise RenderError(f"--set {assignment!r}: cannot set {_describe(last)} in {_kind_of(node)}")
 
 
 def _step(node: Any, segment: str | int | tuple[str, str], assignment: str, create: bool) -> Any:
@@ -318,7 +330,21 @@ def _step(node: Any, segment: str | int | tuple[str, str], assignment: str, crea
         if len(items) == 1:
             return items[0]
         raise RenderError(f"--set {assignment!r}: {len(items)} items have {field}={value}, not 1")
-    raise RenderError(f"--set {assignment!r}: no {segment!r} there")
+    raise RenderError(f"--set {assignment!r}: no {_describe(segment)} in {_kind_of(node)}")
+
+
+def _describe(segment: str | int | tuple[str, str]) -> str:
+    if isinstance(segment, int):
+        return f"[{segment}]"
+    return f"[{segment[0]}={segment[1]}]" if isinstance(segment, tuple) else repr(segment)
+
+
+def _kind_of(node: Any) -> str:
+    if isinstance(node, dict):
+        return "a mapping"
+    if isinstance(node, list):
+        return f"a list of {len(node)}"
+    return f"a {type(node).__name__} value"
 
 
 # ---- the entry points ----------------------------------------------------------------------------
