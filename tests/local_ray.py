@@ -37,10 +37,12 @@ class RayHead:
     env: dict
     cwd: Path
 
-    def submit(self, entrypoint: Sequence[str], runtime_env_json: str | None = None,
+    def submit(self, entrypoint: Sequence[str], runtime_env_json: str | None = None, working_dir: str | None = None,
                timeout: float = 420) -> subprocess.CompletedProcess:
-        """`ray job submit` (waiting for the job's end), retried while the head's job agent registers."""
+        """`ray job submit` from `cwd` (waiting for the job's end), retried while the head's job agent registers."""
         command = ["ray", "job", "submit", "--address", self.dashboard]
+        if working_dir is not None:
+            command += ["--working-dir", working_dir]
         if runtime_env_json is not None:
             command += ["--runtime-env-json", runtime_env_json]
         command += ["--", *entrypoint]
