@@ -391,7 +391,9 @@ def test_services_and_disruption_budget_select_the_serving_workers(overlay):
 
 def test_the_actor_graph_fits_the_worker_groups(overlay):
     """ClusterSpec -> worker groups: the serving graph and the SFT job's graph fit their clusters, and the
-    RayService's workers carry the graph's shape (changing it rolls a new cluster, see kuberay.yaml)."""
+    RayService's workers carry the graph's ClusterSpec fields (changing them rolls a new cluster, see
+    kuberay.yaml)."""
+    from cluster.spec import ClusterSpec
     from jobs.config import load_config
 
     resources = render_resources(overlay)
@@ -399,8 +401,8 @@ def test_the_actor_graph_fits_the_worker_groups(overlay):
     (app,) = config["applications"]
     args = app["args"]
     (worker,) = the(resources, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    shape = f"routers={args['routers']},expert_actors={args['expert_actors']},cpus_per_actor={args['cpus_per_actor']}"
-    assert worker["template"]["metadata"]["annotations"]["moeray.io/actor-graph"] == shape
+    graph = ",".join(f"{field}={args[field]}" for field in ClusterSpec.model_fields if field in args)
+    assert worker["template"]["metadata"]["annotations"]["moeray.io/actor-graph"] == graph
     (engine,) = [d for d in app["deployments"] if d["name"] == "EngineServer"]
     needed = ((args["routers"] + args["expert_actors"]) * args["cpus_per_actor"]
               + engine["ray_actor_options"]["num_cpus"] + args["max_replicas"] * args["ingress_num_cpus"])
