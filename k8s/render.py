@@ -359,9 +359,12 @@ def render_resources(overlay: str, sets: Sequence[str] = ()) -> list[dict]:
     """The overlay's resources in output order, `--set` assignments applied."""
     if overlay not in overlays():
         raise RenderError(f"no overlay {overlay!r} (overlays: {', '.join(overlays())})")
-    resources = legacy_sort(build(OVERLAYS_DIR / overlay))
-    for assignment in sets:
-        apply_set(resources, assignment)
+    try:
+        resources = legacy_sort(build(OVERLAYS_DIR / overlay))
+        for assignment in sets:
+            apply_set(resources, assignment)
+    except (OSError, yaml.YAMLError) as error:  # a missing file, a YAML typo: one line too
+        raise RenderError(" ".join(str(error).split())) from error
     return resources
 
 

@@ -135,6 +135,7 @@ def test_render_command_prints_the_overlay_with_set_overrides():
     (["--overlay", "cpu-dev", "--set", "RayService:spec.rayClusterConfig.workerGroupSpecs[groupName=gpu].replicas=2"],
      "0 items have groupName=gpu"),
     (["--overlay", "cpu-dev", "--set", "RayJob:spec.entrypoint[3]=x"], "cannot set [3] in a str value"),
+    (["--overlay", "cpu-dev", "--set", "RayJob:spec.backoffLimit=[1"], "expected ',' or ']'"),
     (["--overlay", "cpu-dev", "--set", "RayJob:spec.rayClusterSpec.workerGroupSpecs[5].replicas=1"],
      "no [5] in a list of 1"),
 ])
