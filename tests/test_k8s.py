@@ -563,10 +563,6 @@ def test_the_sft_rayjob_entrypoint_trains_then_resumes_under_ray_job_submit(loca
     assert json.loads((run_dir / "result.json").read_text())["started_at_step"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jobs bug: after a resume, save_checkpoint copies the tokenizer from the checkpoint it resumed from, "
-    "which keep_checkpoints (1 in arith-tiny.yaml) has deleted by the second checkpoint; that checkpoint "
-    "lacks tokenizer.json, so the final evaluation fails and the next retry cannot start"))
 @pytest.mark.timeout(300)
 def test_a_resumed_run_keeps_its_tokenizer_in_every_checkpoint(tmp_path):
     """The RayJob's retry path (entrypoint as rendered, --resume twice), in one process to be quick."""
