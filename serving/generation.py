@@ -10,12 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from actors.block_manager import CacheTooSmall, SessionNotFound
+from actors.block_manager import CacheError, CacheTooSmall, SessionNotFound
 from model.sampling import SamplingParams
 
 __all__ = [
     "GenerationRequest", "TokenEvent", "Usage", "EngineBatch", "EngineError", "Overloaded", "PromptTooLong",
-    "EngineFailure", "SessionNotFound", "CacheTooSmall", "remote_cause",
+    "EngineFailure", "CacheError", "SessionNotFound", "CacheTooSmall", "remote_cause",
 ]
 
 

@@ -374,16 +374,20 @@ def test_openai_client_raises_typed_errors(server):
 
 # ---- what needs no server -----------------------------------------------------------------------
 def test_engine_errors_map_to_http_statuses():
-    from serving.app import _engine_error
-    from serving.engine import EngineError, EngineFailure, Overloaded, PromptTooLong, SessionNotFound
+    from serving.errors import api_error
+    from serving.frontend import CHAT_PARAMS
+    from serving.generation import EngineError, EngineFailure, Overloaded, PromptTooLong, SessionNotFound
 
-    assert _engine_error(Overloaded("busy")).status == 429
-    assert _engine_error(SessionNotFound("no")).status == 404
-    too_long = _engine_error(PromptTooLong("long"))
+    assert api_error(Overloaded("busy")).status == 429
+    assert api_error(SessionNotFound("no")).status == 404
+    too_long = api_error(PromptTooLong("long"))
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
-    assert _engine_error(EngineError("bad")).status == 400
-    failure = _engine_error(EngineFailure("internal error: boom"))
+    assert api_error(EngineError("bad")).status == 400
+    failure = api_error(EngineFailure("internal error: boom"))
     assert (failure.status, failure.type) == (500, "server_error")
+    assert api_error(PromptTooLong("long", "max_tokens"), CHAT_PARAMS).param == "max_tokens"
+    assert api_error(PromptTooLong("long"), CHAT_PARAMS).param == "messages"
+    assert api_error(RuntimeError("not the engine's")) is None
 
 
 def test_serve_config_yaml_is_valid():
@@ -411,7 +415,9 @@ def test_generated_grpc_code_is_up_to_date(tmp_path):
 
 def test_chat_template_comes_from_tokenizer_config(tmp_path):
     from model.tokenizer import ChatTokenizer
-    from serving.protocol import ChatCompletionRequest, Frontend, ModelInfo, load_serving_tokenizer
+    from serving.frontend import Frontend
+    from serving.model_info import ModelInfo, load_serving_tokenizer
+    from serving.schemas import ChatCompletionRequest
 
     template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
     ChatTokenizer(ChatTokenizer.bundled().tokenizer, chat_template=template).save_pretrained(tmp_path)
