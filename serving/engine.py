@@ -214,11 +214,11 @@ class Engine:
         while True:
             try:
                 await self._admit()
-                if not self.running:
+                if not self.running and not self._to_close:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                by_router: dict[int, list[_Choice]] = {}
+                by_router: dict[int, list[_Choice]] = {router: [] for router in self._to_close}  # closes go out
                 for choice in self.running:
                     by_router.setdefault(choice.router, []).append(choice)
                 await asyncio.gather(*(self._step(router, choices) for router, choices in by_router.items()))
@@ -322,6 +322,7 @@ class Engine:
         """Give an admitted choice's blocks back and forget it on its router."""
         self.manager.cancel.remote(choice.seq_id)
         self._to_close.setdefault(choice.router, []).append(choice.seq_id)
+        self._wakeup.set()
 
     def _fail(self, request: _Request, error: Exception) -> None:
         for choice in request.choices:
