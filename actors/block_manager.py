@@ -314,7 +314,7 @@ class BlockManager:
         fresh = total_blocks - self._common_tokens(session, prompt) // self.block_size
         home = session.router
         needed_at_home = fresh + (held if session.offloaded is not None else 0)
-        if self._room(home, key) < needed_at_home:
+        if self.pools[home].available < needed_at_home and self._room(home, key) < needed_at_home:
             rooms = [(self._room(r, key), -r) for r in range(len(self.pools)) if r != home]
             best = max(rooms, default=None)
             if best is not None and best[0] >= held + fresh:
