@@ -428,3 +428,32 @@ def test_chat_template_comes_from_tokenizer_config(tmp_path):
     )
     assert tokenizer.decode(frontend.chat_prompt(request)) == "[system]be brief[user]hi=>"
     assert load_serving_tokenizer(tmp_path, "none", 128) is None
+
+
+def test_text_is_detokenized_incrementally_and_held_back_before_a_stop_string():
+    from model.tokenizer import ChatTokenizer
+    from serving.detokenize import ChoiceText
+
+    def stream(decode, tokens: list[int], stops: list[str]) -> tuple[list[str], bool]:
+        text, pieces = ChoiceText(decode, stops), []
+        for token in tokens:
+            piece, stopped = text.add(token)
+            pieces.append(piece)
+            if stopped:
+                return pieces, True
+        return pieces + [text.finish()], False
+
+    tokenizer = ChatTokenizer.bundled()
+    ids = tokenizer.encode("hello world, hello moon")
+    pieces, stopped = stream(tokenizer.decode, ids, [])
+    assert "".join(pieces) == tokenizer.decode(ids) and not stopped
+    pieces, stopped = stream(tokenizer.decode, ids, ["lo w", "xyz"])  # spans four tokens
+    assert stopped and "".join(pieces) == "hel"
+    assert pieces == ["h", "e", "", "l", "", "", ""]  # each "l" waits: it might begin "lo w"
+    pieces, stopped = stream(tokenizer.decode, ids, ["lo m"])  # "lo w" looked like it, then did not
+    assert stopped and "".join(pieces) == "hello world, hel"
+
+    utf8 = list("née ✓".encode())  # byte tokens: é and ✓ take 2 and 3
+    pieces, _ = stream(lambda t: bytes(t).decode("utf-8", errors="replace"), utf8, [])
+    assert "".join(pieces) == "née ✓" and "\ufffd" not in "".join(pieces)
+    assert pieces[1:3] == ["", "é"]  # the first byte of é waits for the second
