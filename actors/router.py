@@ -24,6 +24,7 @@ from model.checkpoint import write_shard
 from model.sampling import Sampled
 from model.training import AdamWSettings, NamedAdamW, StepParts, dense_parameters, dense_state_dict, next_token_backward
 
+from .devices import ComputeDtype, actor_device, compute_dtype
 from .load_stats import LoadStats
 from .placement import Placement
 from .sequences import CacheShape, SequenceTable, StepRequest
@@ -35,6 +36,7 @@ class RouterSettings(BaseModel):
     transport: str = "objectstore"
     transport_settings: TransportSettings = TransportSettings()
     cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
+    dtype: ComputeDtype = Field("auto", description="dense weights and latent cache: auto = bf16 on a GPU, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="copies of hot experts per MoE layer that `rebalance` adds")
 
 
@@ -59,10 +61,12 @@ class RouterActor:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
         self._worker.submit(torch.set_num_threads, settings.cpu_threads).result()
         self.model_dir = model_dir
-        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, expert_ids=[])
+        self.device = actor_device()
+        self.dtype = compute_dtype(settings.dtype, self.device)
+        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, self.dtype, self.device, expert_ids=[])
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
-        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings)
+        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
@@ -80,7 +84,8 @@ class RouterActor:
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
-        return {"index": self.index, "pid": os.getpid(), "node_id": node, "transport": self.transport_name}
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:
@@ -119,7 +124,9 @@ class RouterActor:
     def _profile_dispatch(self, batch_sizes: list[int], warmup: int, iters: int) -> list[dict]:
         moe = next(iter(self.model.moe_layers().values()))
         layer, n_experts = moe.layer_idx, moe.n_experts
-        local = LocalExperts.from_pretrained(self.model_dir, self.model.config, {layer: list(range(n_experts))})
+        local = LocalExperts.from_pretrained(
+            self.model_dir, self.model.config, {layer: list(range(n_experts))}, self.dtype, self.device
+        )
         backends = {"local": local, self.transport_name: self.experts}
         generator = torch.Generator().manual_seed(0)
         results = []
@@ -127,7 +134,7 @@ class RouterActor:
             for batch in batch_sizes:
                 messages = []
                 for _ in range(16):
-                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator)
+                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator).to(self.device, self.dtype)
                     expert_of = moe.gate(x).expert_ids.flatten()
                     token_of = torch.arange(batch).repeat_interleave(len(expert_of) // batch)
                     token_of = token_of[expert_of.argsort(stable=True)]
@@ -156,11 +163,10 @@ class RouterActor:
     async def init_cache(self, cache_bytes: int, block_size: int) -> CacheShape:
         """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
         which block); running sequences are forgotten."""
-        dtype = next(self.model.parameters()).dtype
-        bytes_per_token = LatentCache.bytes_per_token(self.model.config, dtype)
+        bytes_per_token = LatentCache.bytes_per_token(self.model.config, self.dtype)
         num_blocks = cache_bytes // (block_size * bytes_per_token)
-        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype)
-        self.sequences = SequenceTable(self.model.config.vocab_size)
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        self.sequences = SequenceTable(self.model.config.vocab_size, self.device)
         return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
     async def step(self, request: StepRequest) -> list[Sampled | None]:
@@ -178,13 +184,16 @@ class RouterActor:
         return self.sequences.sample(request.chunks, logits)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
-        return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))
+        """The blocks' contents in host memory (they leave this device for an offload tier or a router)."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return await self._step(lambda: self.cache.export_blocks(ids).cpu())
 
     async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
-        await self._step(self.cache.import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        await self._step(self.cache.import_blocks, ids, data.to(self.device))
 
     async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        sources, targets = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
+        sources, targets = (torch.tensor(column, dtype=torch.long, device=self.device) for column in zip(*pairs))
         await self._step(self.cache.copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
@@ -217,7 +226,8 @@ class RouterActor:
         """Forward + backward of this rank's rows; returns loss parts, load and the dense grad norm²."""
 
         def run() -> StepParts:
-            parts = next_token_backward(self.model, input_ids, labels, ce_weight, seed, self.train_dtype)
+            input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
+            parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
             return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
 
         return await self._step(run)
@@ -260,7 +270,9 @@ class RouterActor:
             return
         transport: ExpertTransport = self.objectstore
         if name != self.objectstore.name:
-            transport = TRANSPORTS[name](self.expert_actors, self.settings.transport_settings, self.objectstore)
+            transport = TRANSPORTS[name](
+                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore
+            )
         if current is not self.objectstore:
             current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused
         self.experts.transport = transport

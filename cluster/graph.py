@@ -124,7 +124,7 @@ class ActorGraph:
         experts = [
             ray.remote(ExpertActor)
             .options(**options(expert_name(spec.name, i), i, bundle))
-            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor)
+            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor, spec.dtype)
             for i in range(spec.expert_actors)
         ]
         ray.get([e.ready.remote() for e in experts], timeout=READY_TIMEOUT_S)
