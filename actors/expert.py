@@ -44,7 +44,8 @@ class ExpertActor:
     def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
         return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(), "experts": self.held()}  # fmt: skip
+                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(), "experts": self.held(),
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}

@@ -64,3 +64,14 @@ def test_a_bf16_graph_matches_the_bf16_model_in_one_process(ray_cluster, tiny_ch
         assert ray.get(graph.routers[0].generate.remote(PROMPTS, 8)) == expected
     finally:
         graph.teardown()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the whole check instead")
+def test_the_gpu_check_exits_clearly_without_cuda():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.gpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert done.stderr.strip() == "bench.gpu: no CUDA device: this check needs a GPU machine"
+    assert done.stdout == ""
