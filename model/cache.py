@@ -37,14 +37,18 @@ class KeySpans:
         """Each query `repeats` times in a row (queries flattened with their heads: [B, S·repeats])."""
         return KeySpans(self.start.repeat_interleave(repeats, dim=1), self.end.repeat_interleave(repeats, dim=1))
 
-    def block(self, queries: slice) -> tuple[slice, Tensor | None]:
-        """The keys these queries see between them, and the [B, queries, keys] bool mask over that
-        window (None when every query sees all of it)."""
-        start, end = self.start[:, queries], self.end[:, queries]
-        window = slice(int(start.min()), int(end.max()))
-        keys = torch.arange(window.start, window.stop, device=start.device)
-        mask = (keys >= start[..., None]) & (keys < end[..., None])
-        return window, None if bool(mask.all()) else mask
+    def rows(self, queries: slice) -> KeySpans:
+        return KeySpans(self.start[:, queries], self.end[:, queries])
+
+    def window(self) -> tuple[slice, bool]:
+        """The keys these queries see between them, and whether each of them sees all of those."""
+        window = slice(int(self.start.min()), int(self.end.max()))
+        return window, int(self.start.max()) == window.start and int(self.end.min()) == window.stop
+
+    def mask(self, window: slice) -> Tensor:
+        """[B, S, window] bool over the keys of the window."""
+        keys = torch.arange(window.start, window.stop, device=self.start.device)
+        return (keys >= self.start[..., None]) & (keys < self.end[..., None])
 
 
 @dataclass

@@ -8,7 +8,7 @@ Two ways to attend, same result:
 Memory stays linear in the prompt: causal attention over a fresh prompt is one fused SDPA call with
 no mask (the CPU flash kernel tiles it); anything else (a chunk over its cached prefix, a document
 mask) runs QUERY_BLOCK queries at a time over just the keys they see, so a dense mask is at most
-QUERY_BLOCK × keys.
+QUERY_BLOCK × keys, and in training it is rebuilt for backward rather than kept.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import CacheBatch, KeySpans, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
@@ -148,15 +149,20 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, spans: KeySpans | None
         return F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scale)
     blocks = []
     for first in range(0, query.shape[-2], QUERY_BLOCK):
-        queries = slice(first, first + QUERY_BLOCK)
-        window, mask = spans.block(queries)  # mask [B, block, window]
-        blocks.append(
-            F.scaled_dot_product_attention(
-                query[..., queries, :],
-                key[..., window, :],
-                value[..., window, :],
-                attn_mask=None if mask is None else mask[:, None],
-                scale=scale,
-            )
-        )
+        block = spans.rows(slice(first, first + QUERY_BLOCK))
+        window, sees_all = block.window()
+        inputs = (query[..., first : first + QUERY_BLOCK, :], key[..., window, :], value[..., window, :])
+        if sees_all:
+            blocks.append(F.scaled_dot_product_attention(*inputs, scale=scale))
+        elif torch.is_grad_enabled():
+            # Rebuilt in backward rather than saved for it: a long document's block masks add up to S × S.
+            blocks.append(checkpoint(_masked_attention, *inputs, block, window, scale, use_reentrant=False))
+        else:
+            blocks.append(_masked_attention(*inputs, block, window, scale))
     return torch.cat(blocks, dim=-2)
+
+
+def _masked_attention(
+    query: Tensor, key: Tensor, value: Tensor, spans: KeySpans, window: slice, scale: float
+) -> Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=spans.mask(window)[:, None], scale=scale)
