@@ -41,7 +41,7 @@ def bench_config(max_tokens: int) -> DeepseekV2Config:
     return DeepseekV2Config.preset(
         "tiny",
         initializer_range=0.1,
-        max_position_embeddings=max(max_tokens, 8192),
+        max_position_embeddings=max(2 * max_tokens, 8192),  # room for the prompt and its answer
         rope_scaling=DeepseekV2Config.preset("v2-lite").rope_scaling,
     )
 
@@ -136,7 +136,7 @@ def run_engine(tokens: int, chunk: int) -> dict:
 
 def measure(path: str, tokens: int, chunk: int) -> dict:
     command = [sys.executable, "-m", "bench.long_prompt", "--child", path, str(tokens), "--chunk", str(chunk)]
-    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)  # its stderr passes through
     result = json.loads(child.stdout.strip().splitlines()[-1])
     return {
         "path": path,
