@@ -8,9 +8,10 @@ from model.mla import QUERY_BLOCK
 
 from .reference import CONFIG_B, hf_checkpoint, random_model
 
-# The tiny model with DeepSeek-V2's own YaRN: factor 40 over 4096 original positions, mscale 0.707.
+# The tiny model with DeepSeek-V2's own YaRN and context: factor 40 over 4096 original positions (163840),
+# mscale 0.707.
 V2_YARN = DeepseekV2Config.preset("v2-lite").rope_scaling
-CONFIG_YARN_V2 = CONFIG_B.model_copy(update={"max_position_embeddings": 8192, "rope_scaling": V2_YARN})
+CONFIG_YARN_V2 = CONFIG_B.model_copy(update={"max_position_embeddings": 163840, "rope_scaling": V2_YARN})
 
 
 @torch.no_grad()
