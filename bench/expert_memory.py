@@ -53,11 +53,16 @@ def measure(folder: str, k: int) -> list[dict]:
     graph = ActorGraph.create(ClusterSpec(model=folder, name=f"memory-{k}", expert_actors=k, cpus_per_actor=0.2,
                                           dtype="bfloat16", max_restarts=0))  # fmt: skip
     try:
-        ray.get(graph.routers[0].generate.remote([[1, 2, 3]], 2))  # every actor has run once
+        # Enough tokens that every expert runs: the slices are read from memory-mapped files, so only
+        # experts that ran are resident until then.
+        prompts = torch.randint(0, 1024, (16, 64), generator=torch.Generator().manual_seed(0)).tolist()
+        ray.get(graph.routers[0].generate.remote(prompts, 2))
         rows = []
         for reply in ray.get([actor.ready.remote() for actor in graph.experts]):
-            rows.append({"actors": k, "actor": reply["index"], "rss_bytes": resident_bytes(reply["pid"]),
-                         "expert_parameter_bytes": reply["parameter_bytes"]})  # fmt: skip
+            rss = resident_bytes(reply["pid"])
+            rows.append({"actors": k, "actor": reply["index"], "rss_bytes": rss,
+                         "expert_parameter_bytes": reply["parameter_bytes"],
+                         "rss_beyond_experts_bytes": rss - reply["parameter_bytes"]})  # fmt: skip
         return rows
     finally:
         graph.teardown()
