@@ -12,7 +12,7 @@ glibc's mmap threshold fixed so that freed tensors leave the resident set. Paths
   prefix (256-query blocks, each masked over the keys it sees);
 - train: forward and backward of a loss on every logit (one fused causal call and its backward);
 - train_documents: the same on a packed row of 512-token documents with the document mask;
-- engine: serving.engine.Engine on 1 router + 2 expert actors (the router actor's peak; chunks of
+- engine: engine.Engine on 1 router + 2 expert actors (the router actor's peak; chunks of
   --chunk tokens as max_batch_tokens).
 
 Prints one JSON line per run {"path", "tokens", "peak_bytes", "bytes_per_token", "seconds"}, then per
@@ -101,7 +101,7 @@ def run_engine(tokens: int, chunk: int) -> dict:
     from cluster.graph import NAMESPACE, ActorGraph
     from cluster.spec import ClusterSpec
     from model.sampling import SamplingParams
-    from serving.engine import Engine, EngineConfig, GenerationRequest
+    from engine import Engine, EngineConfig, GenerationRequest
 
     folder = tempfile.mkdtemp(prefix="moeray-long-prompt-")
     config = bench_config(tokens)
@@ -114,7 +114,7 @@ def run_engine(tokens: int, chunk: int) -> dict:
         )
         engine = await Engine.create(graph, EngineConfig(max_batch_tokens=chunk, cache_bytes_per_router=cache_bytes))
         try:
-            router_pid = await graph.routers[0].__ray_call__.remote(lambda router: os.getpid())
+            router_pid = (await graph.routers[0].ready.remote())["pid"]
             prompt = torch.randint(0, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
             request = GenerationRequest(
                 request_id="long", prompt_ids=prompt.tolist(), max_tokens=1, sampling=SamplingParams(temperature=0)
