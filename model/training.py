@@ -127,8 +127,10 @@ class NamedAdamW:
         self.params = params
         for p in params.values():
             p.requires_grad_(True)
+        # fused: one kernel over all tensors (torch's CPU default loops over them one by one, ~5x slower
+        # for a model of many small tensors).
         self.optimizer = torch.optim.AdamW(
-            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps
+            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True
         )
         self.zero_grad()
 
