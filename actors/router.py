@@ -20,9 +20,9 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts, RaggedBatch
+from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts
 from model.checkpoint import write_shard
-from model.sampling import SamplingParams, sample_one
+from model.sampling import Sampled
 from model.training import (
     AdamWSettings,
     NamedAdamW,
@@ -35,8 +35,10 @@ from model.training import (
 )
 
 from .data_parallel import DataParallelGroup, rendezvous_address
+from .devices import ComputeDtype, actor_device, compute_dtype
 from .load_stats import LoadStats
 from .placement import Placement
+from .sequences import CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
 from .transports.objectstore import ObjectStoreTransport
 
@@ -45,6 +47,7 @@ class RouterSettings(BaseModel):
     transport: str = "objectstore"
     transport_settings: TransportSettings = TransportSettings()
     cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
+    dtype: ComputeDtype = Field("auto", description="dense weights and latent cache: auto = bf16 on a GPU, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="copies of hot experts per MoE layer that `rebalance` adds")
 
 
@@ -53,27 +56,32 @@ class RouterActor:
         self,
         model_dir: str,
         index: int,
-        expert_actors: list,
+        expert_actor_names: list[str],
+        namespace: str,
         placement: Placement,
         settings: RouterSettings,
         graph_spec: dict | None = None,
     ):
-        """`expert_actors`: handles in actor-index order. `graph_spec`: what built this graph, handed back
-        by `describe` to drivers that attach to it later."""
+        """`expert_actor_names`: the expert actors in actor-index order, found by name rather than passed
+        as handles (Ray cannot restart an actor whose constructor arguments hold object references).
+        `graph_spec`: what built this graph, handed back by `describe` to drivers that attach later."""
         self.index = index
-        self.expert_actors = expert_actors
+        self.expert_actors = [ray.get_actor(name, namespace=namespace) for name in expert_actor_names]
         self.settings = settings
         self.graph_spec = graph_spec or {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
         self._worker.submit(torch.set_num_threads, settings.cpu_threads).result()
         self.model_dir = model_dir
-        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, expert_ids=[])
+        self.device = actor_device()
+        self.dtype = compute_dtype(settings.dtype, self.device)
+        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, self.dtype, self.device, expert_ids=[])
         config = self.model.config
-        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(expert_actors))
-        self.objectstore = ObjectStoreTransport(expert_actors, settings.transport_settings)
+        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
+        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
+        self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
         self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
@@ -87,7 +95,9 @@ class RouterActor:
 
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "transport": self.transport_name}
+        node = ray.get_runtime_context().get_node_id()
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:
@@ -107,7 +117,11 @@ class RouterActor:
         return self.expert_actors
 
     async def load_stats(self) -> dict:
-        return {**self.stats.snapshot(), "transport": self.transport_name}
+        """Tokens per expert, per expert actor and per node (where each actor lives now: a restarted
+        actor may have moved), imbalance and actors reached per token, for every MoE layer."""
+        replies = await asyncio.gather(*(actor.ready.remote() for actor in self.expert_actors))
+        nodes = [reply["node_id"] for reply in replies]
+        return {**self.stats.snapshot(nodes), "transport": self.transport_name}
 
     async def reset_stats(self) -> None:
         self.stats.reset()
@@ -122,7 +136,9 @@ class RouterActor:
     def _profile_dispatch(self, batch_sizes: list[int], warmup: int, iters: int) -> list[dict]:
         moe = next(iter(self.model.moe_layers().values()))
         layer, n_experts = moe.layer_idx, moe.n_experts
-        local = LocalExperts.from_pretrained(self.model_dir, self.model.config, {layer: list(range(n_experts))})
+        local = LocalExperts.from_pretrained(
+            self.model_dir, self.model.config, {layer: list(range(n_experts))}, self.dtype, self.device
+        )
         backends = {"local": local, self.transport_name: self.experts}
         generator = torch.Generator().manual_seed(0)
         results = []
@@ -130,7 +146,7 @@ class RouterActor:
             for batch in batch_sizes:
                 messages = []
                 for _ in range(16):
-                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator)
+                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator).to(self.device, self.dtype)
                     expert_of = moe.gate(x).expert_ids.flatten()
                     token_of = torch.arange(batch).repeat_interleave(len(expert_of) // batch)
                     token_of = token_of[expert_of.argsort(stable=True)]
@@ -155,44 +171,41 @@ class RouterActor:
         with torch.no_grad():
             return self.model.generate(prompts, max_new_tokens, **sampling)
 
-    # ---- serving: the paged latent cache and one continuous-batching step ---------------------------
-    async def init_cache(self, num_blocks: int, block_size: int) -> dict:
-        """Allocate this router's block pool (the cache manager decides who owns which block)."""
-        dtype = next(self.model.parameters()).dtype
-        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype)
-        return {"bytes": self.cache.nbytes, "bytes_per_token": LatentCache.bytes_per_token(self.model.config, dtype)}
+    # ---- serving: the paged latent cache, the running sequences and one continuous-batching step -----
+    async def init_cache(self, cache_bytes: int, block_size: int) -> CacheShape:
+        """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
+        which block); running sequences are forgotten."""
+        bytes_per_token = LatentCache.bytes_per_token(self.model.config, self.dtype)
+        num_blocks = cache_bytes // (block_size * bytes_per_token)
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        self.sequences = SequenceTable(self.model.config.vocab_size, self.device)
+        return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
-    async def step(self, sequences: list[dict]) -> list[dict | None]:
-        """One forward over several sequences' new tokens (prefill chunks and decode tokens together).
-        Each item: tokens, start (position of its first token), block_table, and `sample` (params,
-        output_tokens, choice) when the next token is wanted. Returns the sampled tokens."""
-        return await self._step(self._run_step, sequences)
+    async def step(self, request: StepRequest) -> list[Sampled | None]:
+        """Open and close sequences, then one forward over the chunks (prefill chunks and decode tokens
+        together). Returns per chunk the sampled next token, or None for a chunk inside its prompt."""
+        return await self._step(self._run_step, request)
 
-    def _run_step(self, sequences: list[dict]) -> list[dict | None]:
-        width = max(len(s["block_table"]) for s in sequences)
-        tables = torch.tensor([s["block_table"] + [0] * (width - len(s["block_table"])) for s in sequences])
-        batch = RaggedBatch(tables, [s["start"] for s in sequences], [len(s["tokens"]) for s in sequences])
-        input_ids = torch.tensor([t for s in sequences for t in s["tokens"]])[None]
+    def _run_step(self, request: StepRequest) -> list[Sampled | None]:
+        self.sequences.update(request.opened, request.closed)
+        if not request.chunks:
+            return []
+        input_ids, batch = self.sequences.batch(request.chunks)
         with torch.no_grad():
             logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
-        results: list[dict | None] = []
-        for row, seq in enumerate(sequences):
-            sample = seq.get("sample")
-            if sample is None:
-                results.append(None)
-                continue
-            params = SamplingParams.model_validate(sample["params"])
-            results.append(sample_one(logits[row], params, sample["output_tokens"], sample.get("choice", 0)).model_dump())
-        return results
+        return self.sequences.sample(request.chunks, logits)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
-        return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))
+        """The blocks' contents in host memory (they leave this device for an offload tier or a router)."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return await self._step(lambda: self.cache.export_blocks(ids).cpu())
 
     async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
-        await self._step(self.cache.import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        await self._step(self.cache.import_blocks, ids, data.to(self.device))
 
     async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        sources, targets = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
+        sources, targets = (torch.tensor(column, dtype=torch.long, device=self.device) for column in zip(*pairs))
         await self._step(self.cache.copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
@@ -218,10 +231,8 @@ class RouterActor:
 
     async def init_data_parallel(self, rank: int, world_size: int, address: str) -> None:
         """Join the routers' process group (every rank is called at once; this returns when all are in)."""
-        device = next(self.model.parameters()).device
-
         def run() -> None:
-            self.data_parallel = DataParallelGroup(rank, world_size, address, device)
+            self.data_parallel = DataParallelGroup(rank, world_size, address, self.device)
 
         await self._step(run)
 
@@ -241,7 +252,8 @@ class RouterActor:
         the update. Returns the loss parts and load, with the global gradient norm."""
 
         def run() -> StepParts:
-            parts = next_token_backward(self.model, input_ids, labels, ce_weight, seed, self.train_dtype)
+            input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
+            parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
             return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)
@@ -294,7 +306,9 @@ class RouterActor:
             return
         transport: ExpertTransport = self.objectstore
         if name != self.objectstore.name:
-            transport = TRANSPORTS[name](self.expert_actors, self.settings.transport_settings, self.objectstore)
+            transport = TRANSPORTS[name](
+                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore
+            )
         if current is not self.objectstore:
             current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused
         self.experts.transport = transport

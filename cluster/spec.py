@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from actors.devices import ComputeDtype
 from actors.router import RouterSettings
 from actors.transports import TransportSettings, transport_names
 
@@ -17,7 +20,11 @@ class ClusterSpec(BaseModel):
         None, gt=0, description="logical CPUs each actor reserves; None = up to 1, shared fairly on small nodes"
     )
     gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
+    )
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
+    dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     transport: str = Field("objectstore", description="a registered transport (actors/transports)")
     compiled_timeout_s: float = Field(
@@ -45,5 +52,6 @@ class ClusterSpec(BaseModel):
             transport=self.transport,
             transport_settings=TransportSettings(timeout_s=self.compiled_timeout_s),
             cpu_threads=self.cpu_threads_per_actor,
+            dtype=self.dtype,
             extra_copies=self.extra_copies,
         )

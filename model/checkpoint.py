@@ -42,8 +42,11 @@ def load_tensors(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, Tensor]:
-    """Read exactly `names`; a missing name is an error that says which and where."""
+    """Read exactly `names` onto `device`; a missing name is an error that says which and where.
+    safetensors reads straight onto a CPU or CUDA device; any other device gets a copy from the host."""
     path = Path(directory)
+    device = torch.device(device)
+    read_on = device if device.type in ("cpu", "cuda") else torch.device("cpu")
     where = tensor_files(path)
     wanted = set(names)
     missing = sorted(wanted - where.keys())
@@ -54,10 +57,11 @@ def load_tensors(
         by_file.setdefault(where[name], []).append(name)
     tensors: dict[str, Tensor] = {}
     for file, file_names in by_file.items():
-        with safe_open(path / file, framework="pt", device=str(device)) as f:
+        with safe_open(path / file, framework="pt", device=str(read_on)) as f:
             for name in file_names:
                 tensor = f.get_tensor(name)
-                tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                tensors[name] = tensor.to(device)
     return tensors
 
 

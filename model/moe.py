@@ -230,19 +230,25 @@ class LocalExperts(ExpertBackend):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str, config: DeepseekV2Config, experts: dict[int, list[int]], dtype: torch.dtype = torch.float32
+        cls,
+        directory: str,
+        config: DeepseekV2Config,
+        experts: dict[int, list[int]],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> "LocalExperts":
-        """Read only these experts' tensors (MoE layer -> expert ids) from a checkpoint folder."""
+        """Read only these experts' tensors (MoE layer -> expert ids) from a checkpoint folder, straight
+        onto `device` (the modules are built without storage, so no host copy is made first)."""
         from .checkpoint import load_tensors
 
-        modules = {layer: make_experts(config, ids) for layer, ids in experts.items()}
-        local = cls(modules)
-        names = local.named_parameters()
-        tensors = load_tensors(directory, names, dtype=dtype)
-        with torch.no_grad():
-            for name, param in names.items():
-                param.copy_(tensors[name])
-        return local
+        with torch.device("meta"):
+            modules = {layer: make_experts(config, ids) for layer, ids in experts.items()}
+        names = cls(modules).named_parameters()
+        tensors = load_tensors(directory, names, dtype=dtype, device=device)
+        for layer, module in modules.items():
+            prefix = f"model.layers.{layer}.mlp.experts."
+            module.load_state_dict({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}, assign=True)
+        return cls(modules)
 
 
 @dataclass

@@ -32,12 +32,12 @@ IGNORE_INDEX = -100  # the label of a position that is not learned (torch's cros
 AUTOCAST_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def autocast(dtype: str) -> ContextManager:
+def autocast(dtype: str, device: torch.device | str = "cpu") -> ContextManager:
     """bf16 mixed precision (fp32 master weights and optimizer state) or nothing for fp32."""
     amp = AUTOCAST_DTYPES[dtype]
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cpu", dtype=amp)
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp)
 
 
 def learned_tokens(labels: Tensor) -> int:
@@ -201,7 +201,7 @@ def next_token_backward(
     model.train()
     try:
         with torch.enable_grad():
-            with autocast(dtype):
+            with autocast(dtype, input_ids.device):
                 out = model(input_ids)
             logits = out.logits.float()
             ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

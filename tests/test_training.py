@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +33,8 @@ from model import DeepseekV2ForCausalLM
 from model.checkpoint import load_tensors, tensor_files
 from model.tokenizer import ChatTokenizer
 from model.training import IGNORE_INDEX
+
+from .local_ray import ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -313,59 +312,17 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
         torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
-    """A real `ray start --head` cluster with its dashboard, `ray job submit --working-dir .`; the
-    cluster's processes are ours alone and are stopped by process group (never `ray stop`)."""
+    """A real `ray start --head` cluster with its dashboard (tests/local_ray.py), `ray job submit --working-dir .`."""
     import transformers
 
-    port, dashboard = free_port(), free_port()
-    # Every port of our own: other clusters on this machine hold the defaults (52365 for the job agent).
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_ports],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
     run_dir = tmp_path / "job-run"
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=ENV, capture_output=True, timeout=60).returncode:
-            assert head.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the dashboard never came up"
-            time.sleep(1)
-        submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-                  "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
-                  "--", "python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)]
-        while True:
-            job = subprocess.run(submit, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420)
-            if job.returncode == 0 or "No available agent" not in job.stderr + job.stdout:
-                break
-            assert time.monotonic() < deadline + 60, "the dashboard's job agent never came up"
-            time.sleep(2)  # the head's dashboard answers before its job agent has registered
+    with ray_head(ENV, REPO) as head:
+        job = head.submit(["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
+                          runtime_env_json=json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), working_dir=".")
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
     checkpoint = run_dir / "checkpoint-6"
     assert (run_dir / "latest").read_text().strip() == "checkpoint-6"

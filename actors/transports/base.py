@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, NamedTuple
 
+import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
@@ -48,8 +49,11 @@ class ExpertTransport(ABC):
                 raise ValueError(f"transport {cls.name!r} is registered twice")
             TRANSPORTS[cls.name] = cls
 
-    def __init__(self, actors: list, settings: TransportSettings, fallback: "ExpertTransport | None" = None):
-        self.actors, self.settings, self.fallback = actors, settings, fallback
+    def __init__(
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: "ExpertTransport | None" = None
+    ):
+        """`device`: the router's; replies are handed back on it."""
+        self.actors, self.settings, self.device, self.fallback = actors, settings, device, fallback
 
     @abstractmethod
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:

@@ -19,7 +19,8 @@ class _Calls(InFlight):
     def receive(self) -> dict[int, ExpertReply]:
         actors = list(self.refs)
         replies = self.transport.wait([self.refs[a] for a in actors])
-        return {a: ExpertReply(from_wire(outputs), handle) for a, (outputs, handle) in zip(actors, replies)}
+        device = self.transport.device
+        return {a: ExpertReply(from_wire(outputs, device), handle) for a, (outputs, handle) in zip(actors, replies)}
 
 
 class ObjectStoreTransport(ExpertTransport):
