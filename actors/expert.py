@@ -73,8 +73,9 @@ class ExpertActor:
             outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
         return to_wire(outputs.to(tokens.dtype)), handle  # bf16 autocast: answer in the tokens' dtype
 
-    def backward(self, handle: int, grad_outputs: WireTensor) -> WireTensor:
-        return to_wire(self.local.backward(handle, from_wire(grad_outputs, self.device)))
+    def backward(self, handle: int, grad_outputs: WireTensor) -> tuple[WireTensor, None]:
+        """The gradient of the tokens, in the forward's reply shape (the transport reads both alike)."""
+        return to_wire(self.local.backward(handle, from_wire(grad_outputs, self.device))), None
 
     # ---- parameters and gradients -------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ loop keeps answering statistics and health calls during a step.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,18 @@ from torch import Tensor
 from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts
 from model.checkpoint import write_shard
 from model.sampling import Sampled
-from model.training import AdamWSettings, NamedAdamW, StepParts, dense_parameters, dense_state_dict, next_token_backward
+from model.training import (
+    AdamWSettings,
+    NamedAdamW,
+    OptimizerUpdate,
+    StepParts,
+    clip_scale,
+    dense_parameters,
+    dense_state_dict,
+    next_token_backward,
+)
 
+from .data_parallel import DataParallelGroup, rendezvous_address
 from .devices import ComputeDtype, actor_device, compute_dtype
 from .load_stats import LoadStats
 from .placement import Placement
@@ -72,6 +83,7 @@ class RouterActor:
         self.cache: LatentCache | None = None
         self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
+        self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
 
@@ -212,7 +224,18 @@ class RouterActor:
 
         return await self._step(run)
 
-    # ---- training: next-token steps driven by jobs/trainer.py (dense params; experts step on actors) --
+    # ---- training: optimizer steps driven by jobs/trainer.py (dense params; experts step on actors) ---
+    async def rendezvous_address(self) -> str:
+        """Where the data-parallel group meets, on this router's node (asked of rank 0)."""
+        return rendezvous_address(ray.util.get_node_ip_address())
+
+    async def init_data_parallel(self, rank: int, world_size: int, address: str) -> None:
+        """Join the routers' process group (every rank is called at once; this returns when all are in)."""
+        def run() -> None:
+            self.data_parallel = DataParallelGroup(rank, world_size, address, self.device)
+
+        await self._step(run)
+
     async def configure_training(self, optimizer: AdamWSettings, dtype: str = "float32") -> None:
         """AdamW over the dense parameters held here, and the autocast dtype of training forwards."""
 
@@ -222,24 +245,37 @@ class RouterActor:
 
         await self._step(run)
 
-    async def train_step(self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int) -> StepParts:
-        """Forward + backward of this rank's rows; returns loss parts, load and the dense grad norm²."""
+    async def train_step(
+        self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int, update: OptimizerUpdate
+    ) -> StepParts:
+        """One optimizer step of next-token training: this rank's forward + backward of its rows, then
+        the update. Returns the loss parts and load, with the global gradient norm."""
 
         def run() -> StepParts:
             input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
             parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
-            return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
+            return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)
 
-    async def dense_grads(self) -> dict[str, Tensor]:
-        return await self._step(self.dense_optimizer.grads)
-
-    async def set_dense_grads(self, grads: dict[str, Tensor]) -> None:
-        await self._step(self.dense_optimizer.set_grads, grads)
-
-    async def apply_train_step(self, lr: float, grad_scale: float) -> None:
-        await self._step(self.dense_optimizer.step, lr, grad_scale)
+    def _update(self, update: OptimizerUpdate) -> float:
+        """The optimizer step that follows every rank's backward, whatever the loss: average the dense
+        gradients over the ranks (the all-reduce is also the barrier after which every rank's expert
+        backward is done), take the global norm (dense + every expert actor's: their gradients are the
+        sum over ranks, hence / ranks²), then step the dense AdamW here and this rank's share of the
+        expert actors with the same clip scale (theirs / ranks: the mean over ranks). Returns the norm."""
+        dense, group = self.dense_optimizer, self.data_parallel
+        group.average_gradients(list(dense.params.values()))
+        experts = group.share(self.expert_actors)
+        expert_norms = [actor.grad_sq_norm.remote() for actor in experts]
+        dense_sq = dense.grad_sq_norm()
+        expert_sq = group.sum(sum(self.objectstore.wait(expert_norms))) / group.world_size**2
+        grad_norm = math.sqrt(dense_sq + expert_sq)
+        scale = clip_scale(grad_norm, update.grad_clip)
+        expert_steps = [actor.step.remote(update.lr, scale / group.world_size) for actor in experts]
+        dense.step(update.lr, scale)  # while the expert actors step theirs
+        self.objectstore.wait(expert_steps)
+        return grad_norm
 
     async def save_dense(self, path: str) -> dict[str, int]:
         """Write the dense weights (HF names) as one safetensors file; returns name -> bytes."""

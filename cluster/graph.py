@@ -138,6 +138,14 @@ class ActorGraph:
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)
         return experts, routers
 
+    def init_data_parallel(self) -> None:
+        """For training: join the routers into one torch.distributed group (the data-parallel ranks,
+        which average their dense gradients among themselves); rank 0 picks where they meet."""
+        address = ray.get(self.routers[0].rendezvous_address.remote())
+        world = len(self.routers)
+        ray.get([router.init_data_parallel.remote(rank, world, address) for rank, router in enumerate(self.routers)],
+                timeout=READY_TIMEOUT_S)  # fmt: skip
+
     @classmethod
     def find(cls, name: str = "moeray") -> "ActorGraph":
         """Attach to a running graph by name (e.g. from a Serve replica or another driver)."""

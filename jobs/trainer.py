@@ -1,13 +1,15 @@
 """One optimizer step and checkpoints, on the actor graph (`GraphTrainer`) or in one process
 (`LocalTrainer`, the reference and the fallback when there is no Ray).
 
-A graph step (routers are data-parallel ranks, expert actors own their experts' gradients and AdamW):
-1. each router runs forward + backward of its rows (`RouterActor.train_step`); the backward sends the
-   expert gradients to the expert actors, which accumulate them (a sum over ranks);
-2. with several routers the driver fetches their dense gradients, averages them and sends the mean
-   back (fine for small models; a collective all-reduce is the scalable version);
+A graph step is one call per router (`RouterActor.train_step`: routers are data-parallel ranks, expert
+actors own their experts' gradients and AdamW), and the driver sends nothing else:
+1. each router runs forward + backward of its rows; the backward sends the expert gradients to the
+   expert actors, which accumulate them (a sum over ranks);
+2. the routers average their dense gradients with an all-reduce (torch.distributed, set up by
+   `ActorGraph.init_data_parallel`);
 3. global norm = sqrt(dense norm² + Σ actors' expert norm² / ranks²), clip scale = min(1, clip / norm);
-4. routers step their dense AdamW with that scale, expert actors with scale / ranks (the mean over ranks).
+4. routers step their dense AdamW with that scale, and each router steps its share of the expert actors
+   with scale / ranks (the mean over ranks).
 Every owner steps with the same `model.training.NamedAdamW`; the one-process trainer holds two of them
 (dense, experts), so its step and its checkpoints are the graph's with one rank and one expert actor.
 
@@ -36,7 +38,9 @@ from model.checkpoint import fsync, write_index, write_json_atomic, write_shard
 from model.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from model.training import (
     NamedAdamW,
+    OptimizerUpdate,
     StepParts,
+    clip_scale,
     dense_parameters,
     dense_state_dict,
     is_routed_expert,
@@ -74,13 +78,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1024 + rank
 
 
-def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
-    """torch.nn.utils.clip_grad_norm_'s coefficient."""
-    if grad_clip is None:
-        return 1.0
-    return min(1.0, grad_clip / (grad_norm + 1e-6))
-
-
 def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
     """Loss parts of the ranks -> the global batch's loss (token-mean CE + mean balance losses)."""
     ce = sum(p.ce_sum for p in parts) / max(n_learned, 1)
@@ -97,6 +94,7 @@ def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
         "tokens": sum(p.tokens for p in parts),
         "learned_tokens": n_learned,
         "expert_load": {str(layer): counts for layer, counts in sorted(load.items())},
+        "grad_norm": parts[0].grad_norm,  # every rank computed the same global norm
     }
 
 
@@ -219,7 +217,7 @@ class LocalTrainer(Trainer):
         scale = clip_scale(grad_norm, self.config.grad_clip)
         for owner in self.owners:
             owner.step(lr, scale)
-        return {**combine_parts([parts], n_learned), "grad_norm": grad_norm}
+        return combine_parts([parts.model_copy(update={"grad_norm": grad_norm})], n_learned)
 
     def save(self, directory: Path) -> None:
         (directory / OPTIMIZER_DIR).mkdir(exist_ok=True)
@@ -259,34 +257,21 @@ class GraphTrainer(Trainer):
             max_task_retries=0,
         )
         self.graph = ActorGraph.create(spec)
+        self.graph.init_data_parallel()
         self.routers, self.experts = self.graph.routers, self.graph.experts
         settings = config.adamw()
         ray.get([owner.configure_training.remote(settings, config.dtype) for owner in [*self.routers, *self.experts]])
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
-        ray, ranks = self.ray, len(self.routers)
+        ranks = len(self.routers)
         n_learned = learned_tokens(labels)
         ce_weight = ranks / max(n_learned, 1)
-        parts: list[StepParts] = ray.get([
-            router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank))
+        update = OptimizerUpdate(lr=lr, grad_clip=self.config.grad_clip)
+        parts: list[StepParts] = self.ray.get([
+            router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank), update)
             for rank, (router, ids, lab) in enumerate(zip(self.routers, input_ids.chunk(ranks), labels.chunk(ranks)))
         ])
-        expert_sq_ref = [e.grad_sq_norm.remote() for e in self.experts]
-        if ranks > 1:
-            grads = ray.get([r.dense_grads.remote() for r in self.routers])
-            mean = {name: sum(g[name] for g in grads) / ranks for name in grads[0]}
-            dense_sq = float(sum(g.double().pow(2).sum() for g in mean.values()))
-            ray.get([r.set_dense_grads.remote(mean) for r in self.routers])
-        else:
-            dense_sq = parts[0].dense_grad_sq
-        expert_sq = sum(ray.get(expert_sq_ref)) / ranks**2
-        grad_norm = math.sqrt(dense_sq + expert_sq)
-        scale = clip_scale(grad_norm, self.config.grad_clip)
-        ray.get(
-            [r.apply_train_step.remote(lr, scale) for r in self.routers]
-            + [e.step.remote(lr, scale / ranks) for e in self.experts]
-        )
-        return {**combine_parts(parts, n_learned), "grad_norm": grad_norm}
+        return combine_parts(parts, n_learned)
 
     def save(self, directory: Path) -> None:
         ray = self.ray

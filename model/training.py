@@ -1,10 +1,10 @@
 """The pure-PyTorch pieces of next-token training, shared by the routers, the expert actors and the
 one-process trainer (so the optimizer step exists once, whatever process holds the parameters).
 
-A step is split so a driver can stand between the backward and the update:
+A step is a backward, then an update by every owner of parameters with the same clip scale:
 
     parts = next_token_backward(model, input_ids, labels, ce_weight, seed, dtype)  # loss parts
-    (driver: average dense grads over ranks, sum grad norms², compute the global clip scale)
+    (owners: average dense grads over ranks, sum grad norms², grad_scale = clip_scale(norm, clip))
     optimizer.step(lr, grad_scale)                                                  # AdamW, zero grads
 
 The loss on a data-parallel rank is ce_weight · Σ token CE + Σ α-weighted balance losses, with
@@ -21,7 +21,7 @@ from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from .checkpoint import fsync
@@ -74,6 +74,13 @@ def zero_grads(params: Iterable[nn.Parameter]) -> None:
         p.grad = None
 
 
+def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
+    """torch.nn.utils.clip_grad_norm_'s coefficient."""
+    if grad_clip is None:
+        return 1.0
+    return min(1.0, grad_clip / (grad_norm + 1e-6))
+
+
 def grad_sq_norm(params: Iterable[nn.Parameter]) -> float:
     """Σ grad² in float64, so the norms of several owners add up to the global norm."""
     return float(sum(p.grad.double().pow(2).sum() for p in params if p.grad is not None))
@@ -101,6 +108,13 @@ class AdamWSettings(BaseModel):
     eps: float = 1e-8
 
 
+class OptimizerUpdate(BaseModel):
+    """What every owner of parameters is told at each optimizer step."""
+
+    lr: float
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this; None = no clip")
+
+
 class NamedAdamW:
     """AdamW over named parameters: the one optimizer step of moeray (routers over their dense
     parameters, expert actors over their experts, the one-process trainer over both).
@@ -113,8 +127,10 @@ class NamedAdamW:
         self.params = params
         for p in params.values():
             p.requires_grad_(True)
+        # fused: one kernel over all tensors (torch's CPU default loops over them one by one, ~5x slower
+        # for a model of many small tensors).
         self.optimizer = torch.optim.AdamW(
-            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps
+            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True
         )
         self.zero_grad()
 
@@ -123,13 +139,6 @@ class NamedAdamW:
 
     def grad_sq_norm(self) -> float:
         return grad_sq_norm(self.params.values())
-
-    def grads(self) -> dict[str, Tensor]:
-        return gradients(self.params)
-
-    def set_grads(self, grads: dict[str, Tensor]) -> None:
-        for name, grad in grads.items():
-            self.params[name].grad = grad.to(self.params[name].dtype).clone()
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         for group in self.optimizer.param_groups:
@@ -180,7 +189,7 @@ class StepParts(BaseModel):
     balance: dict[str, float]
     tokens_per_expert: dict[int, list[int]]
     dropped_fraction: float
-    dense_grad_sq: float = 0.0  # filled in by the owner of the dense optimizer
+    grad_norm: float = 0.0  # the global gradient norm before clipping, filled in by the update
 
 
 def next_token_backward(

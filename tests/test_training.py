@@ -210,7 +210,11 @@ def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: flo
 
 @pytest.mark.timeout(400)
 def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
-    """2 routers (data-parallel ranks) x 2 expert actors, balance losses, token dropping and clipping on."""
+    """2 routers (data-parallel ranks, averaging their dense gradients by all-reduce) x 2 expert actors,
+    balance losses, token dropping and clipping on."""
+    import ray
+    import safetensors.torch
+
     from jobs.trainer import GraphTrainer
 
     ranks = 2
@@ -228,6 +232,7 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
         out = tmp_path / "after"
         out.mkdir()
         trainer.save(out)
+        rank_1 = ray.get(trainer.routers[1].save_dense.remote(str(tmp_path / "rank-1.safetensors")))
     finally:
         trainer.close()
     assert metrics["grad_norm"] > config.grad_clip  # the clip is exercised
@@ -238,6 +243,9 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
         assert not torch.equal(tensor, load_tensors(folder, [name])[name]) or tensor.dim() == 1, f"{name} did not move"
+    for name, tensor in safetensors.torch.load_file(tmp_path / "rank-1.safetensors").items():  # the ranks agree
+        assert torch.equal(tensor, got[name]), name
+    assert set(rank_1) == set(safetensors.torch.load_file(out / "model-dense.safetensors"))
 
 
 @pytest.mark.timeout(300)

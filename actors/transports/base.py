@@ -13,7 +13,7 @@ Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over 
 
 
 class ExpertReply(NamedTuple):
-    outputs: Tensor
+    outputs: Tensor  # a forward's outputs, or a backward's gradient of the tokens
     backward_handle: int | None  # set when the actor kept what its backward needs
 
 
@@ -59,11 +59,12 @@ class ExpertTransport(ABC):
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
         """Start the work of one MoE layer."""
 
-    def backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Gradients of the outputs -> gradients of the tokens, per actor."""
+    def send_backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> InFlight:
+        """Start the backward of one layer: per actor, the gradient of the outputs out (with the handle
+        its forward returned); the gradient of the tokens comes back as the reply's outputs."""
         if self.fallback is None:
             raise NotImplementedError(f"the {self.name} transport carries no backward pass")
-        return self.fallback.backward(handles, grads)
+        return self.fallback.send_backward(handles, grads)
 
     @property
     def healthy(self) -> bool:
