@@ -47,8 +47,11 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     default (which warns about it); setting RAY_AUTH_MODE yourself overrides the choice."""
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray read its configuration (the auth mode with it) when it was imported: without reading it
+        # again this process would talk to its own cluster without the token the cluster requires.
+        ray._raylet.Config.initialize("")
     ray.init(namespace=NAMESPACE, **init_kwargs)
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
