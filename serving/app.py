@@ -268,7 +268,9 @@ _HEALTH = dict(health_check_period_s=10, health_check_timeout_s=60)
 EngineServer = serve.deployment(
     EngineServerImpl,
     name=ENGINE_DEPLOYMENT,
-    num_replicas=1,
+    # One replica, as an autoscaling range of one: Ray Serve (2.60) warns "Cannot deregister autoscaling
+    # state" whenever it deletes a deployment that has none, i.e. at every clean shutdown.
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
     max_ongoing_requests=4096,  # the engine queues and answers 429 itself (EngineConfig.max_queue)
     graceful_shutdown_timeout_s=30,
     ray_actor_options={"num_cpus": 0},
