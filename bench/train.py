@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from jobs.config import load_config
+    from jobs.config import load_config_or_exit
     from jobs.data import TrainingData
     from jobs.sft import write_init
     from jobs.trainer import GraphTrainer, LocalTrainer
     from model.tokenizer import ChatTokenizer
 
-    config = load_config(args.config, args.set)
+    config = load_config_or_exit(parser.prog, args.config, args.set)
     lr = config.schedule.lr
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = write_init(config.model_copy(update={"run_dir": tmp}), Path(tmp) / "init")

@@ -42,7 +42,10 @@ def cmd_init(args: argparse.Namespace) -> None:
     from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
     config = DeepseekV2Config.preset(args.preset)
-    DeepseekV2ForCausalLM(config).init_weights(seed=args.seed).save_pretrained(args.out)
+    try:
+        DeepseekV2ForCausalLM(config).init_weights(seed=args.seed).save_pretrained(args.out)
+    except OSError as error:  # --out cannot be written
+        raise CliError(str(error)) from None
     print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
 
 

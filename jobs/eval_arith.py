@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens)
+    try:
+        result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens)
+    except FileNotFoundError as error:  # no model folder, or one without a tokenizer
+        parser.error(str(error))
     if args.json:
         print(json.dumps(result))
     else:

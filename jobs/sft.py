@@ -28,7 +28,7 @@ import yaml
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, load_config_or_exit
 from .data import TrainingData
 from .trainer import (
     STATE_FILE,
@@ -320,12 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     overrides = list(args.set)
     for key in ("run_dir", "steps", "seed", "expert_actors", "routers", "dtype", "export_dir"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
-    config = load_config(args.config, overrides)
+    config = load_config_or_exit(parser.prog, args.config, overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

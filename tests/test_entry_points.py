@@ -81,3 +81,40 @@ def test_moeray_serve_started_from_a_script_stops_cleanly_and_leaves_nothing(sto
     assert "moeray: stopping" in text
     assert [line for line in text.splitlines() if any(a in line for a in ALARMING)] == []
     assert leftovers == {}
+
+
+MISSING = "/nonexistent/moeray-model"
+MISTAKES = {
+    # id: (command after `python -m`, what the one line must name)
+    "generate, no model folder": (["cli", "generate", "--model", MISSING, "--prompt", "hi"], MISSING),
+    "generate, bad value": (["cli", "generate", "--model", "checkpoints/arith-tiny", "--prompt", "hi",
+                             "--max-tokens", "0"], "--max-tokens"),
+    "serve, no model folder": (["cli", "serve", "--model", MISSING], MISSING),
+    "init, unwritable folder": (["cli", "init", "--out", "/proc/moeray-model"], "/proc/moeray-model"),
+    "train sft, no config file": (["cli", "train", "sft", "--config", "/nonexistent/sft.yaml"], "/nonexistent/sft.yaml"),
+    "k8s render, unknown overlay": (["cli", "k8s", "render", "--overlay", "nope"], "nope"),
+    "jobs.sft, no config file": (["jobs.sft", "--config", "/nonexistent/sft.yaml"], "/nonexistent/sft.yaml"),
+    "jobs.sft, unknown key": (["jobs.sft", "--config", "jobs/configs/smoke.yaml", "--set", "stepz=3"], "stepz"),
+    "jobs.sft, bad value": (["jobs.sft", "--config", "jobs/configs/smoke.yaml", "--steps", "-1"], "steps"),
+    "jobs.sft, broken YAML": (["jobs.sft", "--config", "README.md"], "README.md"),
+    "jobs.eval_arith, no model folder": (["jobs.eval_arith", "--model", MISSING], MISSING),
+    "jobs.eval_arith, no tokenizer": (["jobs.eval_arith", "--model", "checkpoints/tiny-random"], "tokenizer.json"),
+    "jobs.data, bad value": (["jobs.data", "arith", "--out", "/tmp", "--max-operand", "0"], "--max-operand"),
+    "bench.train, no config file": (["bench.train", "--config", "/nonexistent/sft.yaml"], "/nonexistent/sft.yaml"),
+    "bench.long_decode, no model folder": (["bench.long_decode", "--model", MISSING], MISSING),
+    "bench.dispatch, bad value": (["bench.dispatch", "--actors", "0"], "'0'"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command, named", MISTAKES.values(), ids=MISTAKES.keys())
+def test_a_user_mistake_is_one_line_and_a_failed_exit(command, named):
+    env, ray_temp_dir = private_ray_env("re")  # a mistake found late would start Ray: it must not
+    done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=110, start_new_session=True)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    *usage, problem = done.stderr.strip().splitlines()
+    assert named in problem and "error" in problem, done.stderr
+    assert all(line.startswith(("usage:", " ")) for line in usage), done.stderr  # argparse's usage, if any
+    assert left_behind(ray_temp_dir, -1, timeout_s=0) == {}
