@@ -141,21 +141,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _on_termination_signals(handler: Callable | int) -> None:
-    """SIGINT and SIGTERM go to `handler`, whatever they did before: Ray's core worker answers SIGTERM
-    with a stack dump and an abort that leaves Ray's processes running, and a script's `moeray serve &`
-    starts with SIGINT ignored. Only the main thread can set handlers."""
+def _on_termination_signals(sigint: Callable | int, sigterm: Callable | int | None = None) -> None:
+    """SIGINT and SIGTERM (the same as SIGINT unless given) go to these handlers, whatever they did
+    before: Ray's core worker answers SIGTERM with a stack dump and an abort that leaves Ray's processes
+    running, and a script's `moeray serve &` starts with SIGINT ignored. Only the main thread can."""
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigint if sigterm is None else sigterm)
 
 
 def stop(running: Running) -> None:
     """Delete the application (its replicas finish their requests; a second signal cuts that short),
     then, with further signals ignored, tear down the graph if `start` created it and Ray if `start`
-    started it. On an embedded cluster Serve's controller and proxies end with Ray: serve.shutdown()
-    would have its controller kill itself under the call that asked for it, which Ray reports as a
-    failed task ("ServeController.graceful_shutdown failed ... killed by ray.kill")."""
+    started it; then the signals do what they do in any Python program. On an embedded cluster
+    Serve's controller and proxies end with Ray: serve.shutdown() would have its controller kill itself
+    under the call that asked for it, which Ray reports as a failed task ("ServeController.graceful_
+    shutdown failed ... killed by ray.kill")."""
     import ray
     from ray import serve
 
@@ -168,6 +169,7 @@ def stop(running: Running) -> None:
             running.graph.teardown()
         if running.started_ray:
             ray.shutdown()
+        _on_termination_signals(signal.default_int_handler, signal.SIG_DFL)
 
 
 # ---- moeray serve -------------------------------------------------------------------------------
