@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from jobs.config import load_config
+    from jobs.config import load_config_or_exit
     from jobs.data import TrainingData
     from jobs.sft import write_init
     from jobs.trainer import GraphTrainer, LocalTrainer
     from model import DeepseekV2ForCausalLM
     from model.tokenizer import ChatTokenizer
 
-    config = load_config(args.config, args.set)
+    config = load_config_or_exit(parser.prog, args.config, args.set)
     lr = config.schedule.lr
     per_round = -(-args.steps // args.rounds)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.training import AdamWSettings
 
@@ -148,3 +148,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key, value = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(value))
     return TrainConfig.model_validate(data)
+
+
+def load_config_or_exit(prog: str, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """`load_config` for a command line: a missing file, broken YAML, an unknown key or a bad value ends
+    the process with one line that names it."""
+    try:
+        return load_config(path, overrides)
+    except (OSError, ValueError, yaml.YAMLError) as error:  # pydantic's ValidationError is a ValueError
+        raise SystemExit(f"{prog}: error: {path or 'config'}: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return " ".join(str(error).split())

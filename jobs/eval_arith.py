@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from model import DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
@@ -62,10 +63,28 @@ def evaluate_folder(model_dir: str | Path, arith: ArithConfig | None = None, n: 
     return {**result, "seconds": round(time.perf_counter() - start, 2), "model": str(model_dir)}
 
 
+TASK_FILE = "arith_task.json"
+
+
+class TrainedTask(ArithConfig):
+    """A model folder's arith_task.json: the task it was trained on (jobs.sft writes its data's
+    ArithConfig) and what its training taught it beyond single questions."""
+
+    multi_turn: bool = Field(
+        False, description="answers the last question of a chat whose earlier questions are answered; set "
+        "by the training that teaches it (GRPO on conversations), read by `moeray quickstart`"
+    )
+
+
+def trained_task_of(model_dir: str | Path) -> TrainedTask | None:
+    """The task description saved next to the model, or None for a model trained on no such task."""
+    path = Path(model_dir) / TASK_FILE
+    return TrainedTask.model_validate_json(path.read_text()) if path.exists() else None
+
+
 def arith_config_of(model_dir: str | Path) -> ArithConfig:
     """The task settings the model was trained with (saved next to it by jobs.sft), else defaults."""
-    path = Path(model_dir) / "arith_task.json"
-    return ArithConfig.model_validate_json(path.read_text()) if path.exists() else ArithConfig()
+    return trained_task_of(model_dir) or ArithConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens)
+    try:
+        result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens)
+    except FileNotFoundError as error:  # no model folder, or one without a tokenizer
+        parser.error(str(error))
     if args.json:
         print(json.dumps(result))
     else:

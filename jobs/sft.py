@@ -28,8 +28,9 @@ import yaml
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, load_config_or_exit
 from .data import TrainingData
+from .progress import Progress
 from .trainer import (
     STATE_FILE,
     Trainer,
@@ -222,11 +223,7 @@ def run_steps(
     metrics: MetricsLog,
 ) -> dict[str, Any]:
     """The optimizer steps from start.step to config.steps, a checkpoint every checkpoint_every."""
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=start.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+    progress = Progress("jobs.sft", config.steps, start.step) if config.progress else None
     started = time.perf_counter()
     trained_tokens = 0
     last_checkpoint = start.checkpoint
@@ -240,8 +237,7 @@ def run_steps(
         record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
         metrics.write(record)
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            progress.update(step + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.tokenizer_dir)
             if config.plot:
@@ -320,12 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     overrides = list(args.set)
     for key in ("run_dir", "steps", "seed", "expert_actors", "routers", "dtype", "export_dir"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
-    config = load_config(args.config, overrides)
+    config = load_config_or_exit(parser.prog, args.config, overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

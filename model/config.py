@@ -167,7 +167,10 @@ class DeepseekV2Config(BaseModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "DeepseekV2Config":
-        return cls.from_json_file(Path(directory) / "config.json")
+        path = Path(directory) / "config.json"
+        if not path.is_file():  # the one line a command shows when a user names the wrong folder
+            raise FileNotFoundError(f"{directory} is not a model folder (no config.json)")
+        return cls.from_json_file(path)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5 layout: `rope_parameters` holds rope_theta and rope_type."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from .errors import APIError, api_error
-from engine.generation import EngineBatch, GenerationRequest
+from engine.generation import EngineBatch, GenerationRequest, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,6 +32,25 @@ class EngineStream:
             stream.cancel()
             raise cls._error(error, params, "engine call failed") from None
         return cls(first, stream, params)
+
+    @classmethod
+    async def open_all(cls, engine, requests: Sequence[GenerationRequest],
+                       params: Mapping[str, str]) -> list["EngineStream"]:
+        """`open` for each request at once; if any is refused, the others are closed and its error raised."""
+        opened = await asyncio.gather(*(cls.open(engine, r, params) for r in requests), return_exceptions=True)
+        refused = [o for o in opened if isinstance(o, BaseException)]
+        if refused:
+            for stream in opened:
+                if isinstance(stream, EngineStream):
+                    stream.close()
+            raise refused[0]
+        return opened
+
+    def close(self) -> None:
+        """Cancel the generation unless it has ended."""
+        if not self.done:
+            self.done = True
+            self.stream.cancel()
 
     async def __aiter__(self) -> AsyncIterator[EngineBatch]:
         try:
@@ -59,3 +79,42 @@ class EngineStream:
             return mapped
         logger.warning("%s: %r", what, error)  # the engine replica went away
         return APIError(503, "The engine is unavailable; try again.", "server_error", code="engine_unavailable")
+
+
+async def merged(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, EngineBatch]]:
+    """The batches of several streams as they arrive, each with its stream's position in `streams`. An
+    error in one stream ends them all and is raised here; so does leaving the loop early."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(position: int, stream: EngineStream) -> None:
+        try:
+            async for batch in stream:
+                queue.put_nowait((position, batch))
+        except APIError as error:
+            queue.put_nowait((position, error))
+        queue.put_nowait((position, None))
+
+    pumps = [asyncio.create_task(pump(position, stream)) for position, stream in enumerate(streams)]
+    try:
+        running = len(pumps)
+        while running:
+            position, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, APIError):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def total_usage(usages: Sequence[Usage]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )

@@ -139,7 +139,7 @@ class MoerayGrpcServicer:
             fields["prompt"] = request.prompt or list(request.prompt_ids)
             body = parse_request(CompletionRequest, fields)
             frontend.check_model(body.model)
-            prompt = frontend.completion_prompt(body)
+            [prompt] = frontend.completion_prompts(body)  # one text or token-id prompt
             request_id, params = new_id("cmpl"), COMPLETION_PARAMS
         session = session_from(body.session_id, header_session)
         generation = frontend.generation_request(body, prompt, body.max_tokens, logprobs, owner, session, request_id)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine_client import EngineStream
+from .engine_client import EngineStream, merged, total_usage
 from .errors import APIError
 from .frontend import CHAT_PARAMS, COMPLETION_PARAMS, Frontend, new_id
 from engine.generation import TokenEvent, Usage
@@ -194,18 +194,24 @@ class OpenAIServerImpl(MoerayGrpcServicer):
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (no server-side ranking).", param="best_of")
         session = session_from(body.session_id, request.headers.get("x-session-id"))
-        prompt = self.frontend.completion_prompt(body)
+        prompts = self.frontend.completion_prompts(body)
+        if session and len(prompts) > 1:
+            raise APIError(400, "A session continues one conversation: send one prompt with a session.",
+                           param="prompt")
         request_id = new_id("cmpl")
-        generation = self.frontend.generation_request(body, prompt, body.max_tokens, body.logprobs, owner, session,
-                                                      request_id)
-        stream = await EngineStream.open(self.engine, generation, COMPLETION_PARAMS)
+        generations = [
+            self.frontend.generation_request(body, prompt, body.max_tokens, body.logprobs, owner, session,
+                                             f"{request_id}-{i}")
+            for i, prompt in enumerate(prompts)
+        ]
+        streams = await EngineStream.open_all(self.engine, generations, COMPLETION_PARAMS)
         created = int(time.time())
         headers = {"X-Session-Id": session} if session else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._completion_chunks(stream, request_id, created, body, include_usage)
+            chunks = self._completion_chunks(streams, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices, usage = await _collect(stream, body.n)
+        choices, usage = await _collect(streams, body.n)
         result = {
             "id": request_id,
             "object": "text_completion",
@@ -237,24 +243,30 @@ class OpenAIServerImpl(MoerayGrpcServicer):
             offset += len(event.text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    async def _completion_chunks(self, stream: EngineStream, request_id: str, created: int,
+    async def _completion_chunks(self, streams: list[EngineStream], request_id: str, created: int,
                                  body: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
-        offsets = [0] * body.n
+        """Each prompt's choices numbered as OpenAI does, prompt by prompt (index = prompt * n + choice);
+        the usage, summed over the prompts, once all have finished."""
+        offsets = [0] * (body.n * len(streams))
+        usages: list[Usage] = []
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.info.name}
         try:
-            async for batch in stream:
+            async for prompt, batch in merged(streams):
                 out = []
-                for index, events in _by_choice(batch.events).items():
+                for choice, events in _by_choice(batch.events).items():
+                    index = prompt * body.n + choice
                     text = "".join(e.text for e in events)
                     logprobs = None
                     if body.logprobs is not None:
                         logprobs = self._completion_logprobs(events, offsets[index])
                     offsets[index] += len(text)
-                    choice = {"index": index, "text": text, "logprobs": logprobs,
-                              "finish_reason": events[-1].finish_reason}
-                    out.append(sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})}))
-                if batch.usage is not None and include_usage:
-                    out.append(sse({**base, "choices": [], "usage": usage_body(batch.usage)}))
+                    entry = {"index": index, "text": text, "logprobs": logprobs,
+                             "finish_reason": events[-1].finish_reason}
+                    out.append(sse({**base, "choices": [entry], **({"usage": None} if include_usage else {})}))
+                if batch.usage is not None:
+                    usages.append(batch.usage)
+                if len(usages) == len(streams) and include_usage:
+                    out.append(sse({**base, "choices": [], "usage": usage_body(total_usage(usages))}))
                 if out:
                     yield "".join(out)
         except APIError as error:
@@ -293,7 +305,7 @@ class OpenAIServerImpl(MoerayGrpcServicer):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._chat_chunks(stream, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices, usage = await _collect(stream, body.n)
+        choices, usage = await _collect([stream], body.n)
         result = {
             "id": request_id,
             "object": "chat.completion",
@@ -366,15 +378,17 @@ def _by_choice(events: list[TokenEvent]) -> dict[int, list[TokenEvent]]:
 OpenAIIngress = serve.ingress(app)(OpenAIServerImpl)
 
 
-async def _collect(stream: EngineStream, n: int) -> tuple[dict[int, dict], Usage | None]:
-    """A whole (non-streamed) answer: per choice its text pieces, events and finish reason; the usage."""
-    choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n)}
-    usage = None
-    async for batch in stream:
+async def _collect(streams: list[EngineStream], n: int) -> tuple[dict[int, dict], Usage]:
+    """Whole (non-streamed) answers: per choice (index = prompt * n + choice, as OpenAI numbers them) its
+    text pieces, events and finish reason; the usage summed over the prompts."""
+    choices = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n * len(streams))}
+    usages: list[Usage] = []
+    async for prompt, batch in merged(streams):
         for event in batch.events:
-            choice = choices[event.choice]
+            choice = choices[prompt * n + event.choice]
             choice["text"].append(event.text)
             choice["events"].append(event)
             choice["finish_reason"] = event.finish_reason or choice["finish_reason"]
-        usage = batch.usage or usage
-    return choices, usage
+        if batch.usage is not None:
+            usages.append(batch.usage)
+    return choices, total_usage(usages)

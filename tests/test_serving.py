@@ -188,6 +188,33 @@ def test_n_seed_and_stop(server):
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_completions_take_a_list_of_prompts_each_with_its_own_n_choices(server):
+    client = server.client()
+    sampling = dict(model="tiny", n=2, max_tokens=6, temperature=1.0, seed=7)
+    for prompts in (["Compute 4 minus 1", "What is 2 plus 2?", "Hi"], [[9, 10, 11, 12], [13, 14, 15]]):
+        alone = [client.completions.create(prompt=prompt, **sampling) for prompt in prompts]
+        together = client.completions.create(prompt=prompts, **sampling)
+        # OpenAI's numbering: prompt by prompt, then choice by choice (seeded: the same as one at a time)
+        assert [c.index for c in together.choices] == list(range(2 * len(prompts)))
+        by_index = [c for result in alone for c in sorted(result.choices, key=lambda c: c.index)]
+        assert [(c.text, c.finish_reason) for c in together.choices] == [(c.text, c.finish_reason) for c in by_index]
+        for field in ("prompt_tokens", "completion_tokens"):
+            assert getattr(together.usage, field) == sum(getattr(r.usage, field) for r in alone)
+
+        chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                                **sampling))
+        streamed: dict[int, str] = {}
+        for chunk in chunks[:-1]:
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        assert streamed == {c.index: c.text for c in together.choices}
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+
+    with pytest.raises(openai.BadRequestError) as caught:  # a session continues one conversation
+        client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2, extra_body={"session_id": "two"})
+    assert caught.value.body["param"] == "prompt"
+
+
 def test_logprobs(server):
     client = server.client()
     result = client.completions.create(model="tiny", prompt=[3, 4, 5], max_tokens=5, temperature=0, logprobs=2)
