@@ -26,7 +26,7 @@ from model.training import AdamWSettings, NamedAdamW, StepParts, dense_parameter
 
 from .load_stats import LoadStats
 from .placement import Placement
-from .sequences import CacheShape, SequenceTable, StepRequest
+from .sequences import CacheNotAllocated, CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
 from .transports.objectstore import ObjectStoreTransport
 
@@ -168,24 +168,30 @@ class RouterActor:
         together). Returns per chunk the sampled next token, or None for a chunk inside its prompt."""
         return await self._step(self._run_step, request)
 
+    def _pool(self) -> LatentCache:
+        if self.cache is None:
+            raise CacheNotAllocated(self.index)
+        return self.cache
+
     def _run_step(self, request: StepRequest) -> list[Sampled | None]:
+        cache = self._pool()
         self.sequences.update(request.opened, request.closed)
         if not request.chunks:
             return []
         input_ids, batch = self.sequences.batch(request.chunks)
         with torch.no_grad():
-            logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
+            logits = self.model(input_ids, cache=cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
         return self.sequences.sample(request.chunks, logits)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
-        return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))
+        return await self._step(self._pool().export_blocks, torch.tensor(block_ids, dtype=torch.long))
 
     async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
-        await self._step(self.cache.import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
+        await self._step(self._pool().import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
 
     async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         sources, targets = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
-        await self._step(self.cache.copy_blocks, sources, targets)
+        await self._step(self._pool().copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
     async def forward_backward(self, input_ids: Tensor, output_weights: Tensor) -> dict[str, Tensor]:

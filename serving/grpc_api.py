@@ -47,7 +47,8 @@ class GrpcAbort(Exception):
 
 
 class MoerayGrpcServicer:
-    """Needs `self.engine`, `self.frontend`, `self.keys`, `self.info`, `self.metrics` (the ingress has them)."""
+    """Needs `self.watch`, `self.frontend`, `self.keys`, `self.info`, `self.metrics`, `self.max_body_bytes`
+    (the ingress has them)."""
 
     def _grpc_metadata(self, grpc_context) -> dict[str, str]:
         if grpc_context is None:
@@ -77,8 +78,10 @@ class MoerayGrpcServicer:
         try:
             metadata = self._grpc_metadata(grpc_context)
             owner = self.keys.check(KeyRing.key_from_headers(metadata))
+            if request.ByteSize() > self.max_body_bytes:
+                raise APIError(413, f"The request is larger than {self.max_body_bytes} bytes.", code="request_too_large")
             request_id, generation, params = self._grpc_generation(request, owner, metadata.get("x-session-id"))
-            stream = await EngineStream.open(self.engine, generation, params)
+            stream = await EngineStream.open(self.watch, generation, params)
         except APIError as error:
             raise self._grpc_fail(grpc_context, method, error) from None
         try:
