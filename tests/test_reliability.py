@@ -249,7 +249,7 @@ def test_a_killed_graph_process_loses_no_stream_and_its_sessions_recompute(serve
     target = Target(server.base_url, KEY_A, server.model, GRAPH)
     session, history = start_session(server)
     before = engine_stats(server)["recoveries"]
-    outcome = run_fault(target, fault, lambda: kill(target))
+    outcome = run_fault(target, fault, lambda: kill(target), streams=MAX_CONCURRENT - 1)
     summary = outcome.summary()
     assert summary["lost"] == 0 and outcome.recovery_s is not None and outcome.recovered_streams, summary
     if fault == "cache_manager":  # the running sequences were adopted by the new manager: they finish
@@ -272,7 +272,7 @@ def test_a_killed_engine_replica_answers_503_with_retry_after_then_recovers(serv
     poller = threading.Thread(target=poll_stats, daemon=True)
     poller.start()
     try:
-        outcome = run_fault(target, "engine_replica", lambda: kill_engine_replica(target))
+        outcome = run_fault(target, "engine_replica", lambda: kill_engine_replica(target), streams=MAX_CONCURRENT - 1)
     finally:
         stop.set()
         poller.join(timeout=150)
