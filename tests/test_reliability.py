@@ -110,6 +110,27 @@ def test_fuzzing_from_the_schema_finds_no_5xx_and_only_openai_errors(server):
 
 
 # ---- tenancy --------------------------------------------------------------------------------------
+def test_owner_gate_limits_each_key_s_rate_and_concurrency_alone():
+    from engine.generation import RateLimited
+    from engine.limits import OwnerGate, OwnerLimits
+
+    now = [0.0]
+    gate = OwnerGate(OwnerLimits(requests_per_s=2, burst=3, max_concurrent=2), clock=lambda: now[0])
+    gate.enter("a")
+    gate.enter("a")
+    with pytest.raises(RateLimited, match="2 requests running"):
+        gate.enter("a")
+    gate.enter("b")  # another key is not affected
+    gate.leave("a")
+    gate.enter("a")  # the third of a's burst
+    gate.leave("a")
+    with pytest.raises(RateLimited) as caught:  # the burst is spent: a token comes back in 0.5 s
+        gate.enter("a")
+    assert caught.value.retry_after_s == pytest.approx(0.5)
+    now[0] += 0.5
+    gate.enter("a")
+
+
 def test_a_key_over_its_concurrency_limit_gets_429_while_another_key_is_served(server):
     body = {"model": server.model, "prompt": [7, 7, 7], "max_tokens": 40, "stream": True, "temperature": 0}
     streams = []
