@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.url and not args.key:
+        parser.error("--url needs --key")
     if args.url:
         report = fuzz(args.url, args.model, [k for k in (args.key, args.other_key) if k], args.requests, args.seed)
     else:

@@ -106,9 +106,10 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def rss_by_process(root: int) -> dict[str, int]:
-    """Resident bytes of each process under `root`, keyed "pid name" (Ray names its workers
-    ray::RouterActor, ray::ServeReplica:moeray:EngineServer, ...)."""
+def memory_by_process(root: int) -> dict[int, dict]:
+    """Per process under `root`: its name (Ray's workers are ray::RouterActor, ray::ServeReplica:...;
+    the task they run now is left out), resident bytes, and the private part of them (RssAnon:
+    without the shared memory of Ray's object store, whose pages count as resident as it fills)."""
     out = {}
     for pid in descendants(root):
         try:
@@ -116,6 +117,8 @@ def rss_by_process(root: int) -> dict[str, int]:
             name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        out[f"{pid} {name[:60]}"] = rss
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                  if line.startswith(("VmRSS:", "RssAnon:"))}
+        out[pid] = {"name": name.split(".")[0] if name.startswith("ray::") else Path(name).name,
+                    "rss": fields.get("VmRSS", 0), "anon": fields.get("RssAnon", 0)}
     return out

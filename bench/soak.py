@@ -1,6 +1,7 @@
 """Soak: `concurrency` clients send requests back to back to a real `moeray serve` on loopback for a
 bounded time; resident memory of every process it started is read at the start, after warm-up and
-at the end.
+at the end (all of it, and the private part: the pages of Ray's shared-memory object store count as
+resident in its raylet as the store fills, which is no leak).
 
     python -m bench.soak                        # 10 minutes, concurrency 32, 1 minute of warm-up
     python -m bench.soak --duration-s 120 --warmup-s 30
@@ -22,7 +23,7 @@ from collections import Counter
 
 import requests
 
-from .served import moeray_serve, rss_by_process
+from .served import memory_by_process, moeray_serve
 
 REQUEST_TIMEOUT_S = 120
 
@@ -66,7 +67,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def soak(base_url: str, key: str, model: str, server_pid: int, concurrency: int, duration_s: float,
          warmup_s: float) -> dict:
     started = time.monotonic()
-    rss_start = rss_by_process(server_pid)
+    memory_start = memory_by_process(server_pid)
     warm_until, stop_at = started + warmup_s, started + warmup_s + duration_s
     results: list[tuple[float, float, str]] = []  # (finished at, latency, outcome)
     lock = threading.Lock()
@@ -83,14 +84,13 @@ def soak(base_url: str, key: str, model: str, server_pid: int, concurrency: int,
     for thread in clients:
         thread.start()
     time.sleep(max(0.0, warm_until - time.monotonic()))  # the bench measures time: waiting is the point
-    rss_warm = rss_by_process(server_pid)
+    memory_warm = memory_by_process(server_pid)
     for thread in clients:
         thread.join(timeout=stop_at - time.monotonic() + REQUEST_TIMEOUT_S + 30)
-    rss_end = rss_by_process(server_pid)
+    memory_end = memory_by_process(server_pid)
     measured = [(latency, outcome) for at, latency, outcome in results if at >= warm_until]
     latencies = [latency for latency, outcome in measured if outcome == "ok"]
     errors = Counter(outcome for _, _, outcome in results if outcome != "ok")
-    warm_total, end_total = sum(rss_warm.values()), sum(rss_end.values())
     return {
         "concurrency": concurrency, "duration_s": duration_s, "warmup_s": warmup_s,
         "requests": len(results), "requests_after_warmup": len(measured), "errors": sum(errors.values()),
@@ -98,12 +98,25 @@ def soak(base_url: str, key: str, model: str, server_pid: int, concurrency: int,
         "requests_per_s": round(len(measured) / duration_s, 2),
         "latency_p50_s": round(percentile(latencies, 0.50) or 0, 3),
         "latency_p99_s": round(percentile(latencies, 0.99) or 0, 3),
-        "rss_start_mib": round(sum(rss_start.values()) / 2**20, 1),
-        "rss_after_warmup_mib": round(warm_total / 2**20, 1), "rss_end_mib": round(end_total / 2**20, 1),
-        "rss_growth_after_warmup_pct": round(100 * (end_total - warm_total) / warm_total, 2),
-        "rss_by_process_mib": {name: [round(rss_warm.get(name, 0) / 2**20, 1), round(rss / 2**20, 1)]
-                               for name, rss in sorted(rss_end.items())},
+        **memory_figures(memory_start, memory_warm, memory_end),
     }
+
+
+def memory_figures(start: dict[int, dict], warm: dict[int, dict], end: dict[int, dict]) -> dict:
+    """Totals at the three moments, the growth from warm-up to the end (resident, and private only),
+    and per process (pid name) its private MiB after warm-up and at the end."""
+    def total(memory: dict[int, dict], kind: str) -> float:
+        return sum(p[kind] for p in memory.values()) / 2**20
+
+    figures = {f"{kind}_{moment}_mib": round(total(memory, kind), 1) for kind in ("rss", "anon")
+               for moment, memory in (("start", start), ("after_warmup", warm), ("end", end))}
+    for kind in ("rss", "anon"):
+        figures[f"{kind}_growth_after_warmup_pct"] = round(100 * (total(end, kind) / total(warm, kind) - 1), 2)
+    figures["anon_by_process_mib"] = {
+        f"{pid} {p['name']}": [round(warm.get(pid, {"anon": 0})["anon"] / 2**20, 1), round(p["anon"] / 2**20, 1)]
+        for pid, p in sorted(end.items())
+    }
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
