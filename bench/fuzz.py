@@ -1,7 +1,7 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis), against a
 running server on loopback:
 
-    python -m bench.fuzz                          # starts `moeray serve` on free ports, 1,000 requests
+    python -m bench.fuzz                          # serves the tiny model as `moeray serve` does, 1,000 requests
     python -m bench.fuzz --url http://127.0.0.1:8000 --key KEY --other-key KEY2 --requests 2000
 
 Every operation of /openapi.json gets requests that follow the schema and requests that break it
@@ -122,6 +122,22 @@ def probe(base_url: str, model: str, key: str) -> str | None:
     return response.json()["choices"][0]["text"] if response.status_code == 200 else None
 
 
+def fuzz_a_served_model(requests_wanted: int, seed: int) -> FuzzReport:
+    """`serving.launch.start` (what `moeray serve` runs) on free loopback ports, two keys, the context
+    cut to 128 tokens so that no generated request runs for minutes."""
+    from serving.launch import start, stop
+
+    from .served import PROJECT, free_port
+
+    keys = ["sk-bench-fuzz-a", "sk-bench-fuzz-b"]
+    running = start(PROJECT / "checkpoints" / "tiny-random", port=free_port(), grpc_port=free_port(), api_keys=keys,
+                    name="bench-fuzz", engine={"max_model_len": 128}, ray_init={"include_dashboard": False}, quiet=True)
+    try:
+        return fuzz(running.base_url.removesuffix("/v1"), running.model, keys, requests_wanted, seed)
+    finally:
+        stop(running)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start `moeray serve` on free loopback ports)")
@@ -136,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         report = fuzz(args.url, args.model, [k for k in (args.key, args.other_key) if k], args.requests, args.seed)
     else:
-        from .served import moeray_serve
-
-        with moeray_serve(keys=2) as served:
-            report = fuzz(served.base_url, served.model, served.keys, args.requests, args.seed)
+        report = fuzz_a_served_model(args.requests, args.seed)
     print(json.dumps(report.summary()))
     return 0 if report.clean else 1
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import ray
 
+from bench import capacity
 from bench.faults import Target, kill_cache_manager, kill_engine_replica, kill_router, run_fault
 from bench.fuzz import fuzz, is_openai_error
 from model import DeepseekV2ForCausalLM, LatentCache
@@ -65,19 +66,7 @@ def complete(server: Server, prompt: list[int], max_tokens: int, key: str = KEY_
 
 def generate_ids(server: Server, prompt: list[int], max_tokens: int, key: str = KEY_A,
                  session_id: str = "") -> tuple[list[int], pb.Usage]:
-    """Greedy token ids and the usage, through gRPC (its answers carry token ids)."""
-    metadata = [("authorization", f"Bearer {key}"), ("application", "moeray")]
-    request = pb.GenerateRequest(model=server.model, prompt_ids=prompt, max_tokens=max_tokens, temperature=0,
-                                 session_id=session_id)
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        responses = list(pb_grpc.MoerayStub(channel).Generate(request, metadata=metadata, timeout=120))
-    return [t.token_id for r in responses for t in r.tokens], responses[-1].usage
-
-
-def assert_reference(tokens: list[int], expected: list[int]) -> None:
-    """The served tokens are the reference's (which never stops early: the server may end at EOS)."""
-    assert tokens == expected[: len(tokens)] and tokens, (tokens, expected)
-    assert len(tokens) == len(expected) or tokens[-1] in EOS, (tokens, expected)
+    return capacity.generate_ids(f"127.0.0.1:{server.grpc_port}", server.model, prompt, max_tokens, key, session_id)
 
 
 def engine_stats(server: Server) -> dict:
@@ -194,29 +183,18 @@ def test_serving_without_a_key_beyond_loopback_is_refused(server, tiny_checkpoin
 
 # ---- capacity -------------------------------------------------------------------------------------
 def test_four_times_the_sessions_the_cache_holds_are_offloaded_and_restored_exactly(server, reference):
-    session_blocks = 3  # 30 prompt + 3 answer tokens held
-    sessions = 4 * POOL_BLOCKS // session_blocks + 1
-    histories = {}
-    for s in range(sessions):
-        prompt = [(s * 7 + i) % 120 + 3 for i in range(30)]
-        answer, _ = generate_ids(server, prompt, 4, key=KEY_C, session_id=f"cap-{s}")
-        histories[s] = prompt + answer + [4, 5, 6]
-    mid = engine_stats(server)["cache"]
-    files = list(Path(mid["offload_dir"]).glob("*.pt"))
-    assert mid["offloaded_sessions"]["disk"] >= sessions - POOL_BLOCKS // session_blocks
-    assert len(files) == mid["offloaded_sessions"]["disk"]  # one file per offloaded session, in the folder given
-    listed = server.raw("GET", "/v1/sessions", key=KEY_C)[1]["data"]
-    assert sorted(s["id"] for s in listed) == sorted(f"cap-{s}" for s in range(sessions))  # none lost
-    for s, history in histories.items():
-        answer, usage = generate_ids(server, history, 4, key=KEY_C, session_id=f"cap-{s}")
-        assert_reference(answer, reference(history, 4))  # as if it never left
-        assert usage.cached_tokens == len(history) - 4, s  # all it held came back
-    end = engine_stats(server)["cache"]
-    assert end["restores"] - mid["restores"] >= sessions - POOL_BLOCKS // session_blocks
-    for s in range(sessions):
-        assert server.raw("DELETE", f"/v1/sessions/cap-{s}", key=KEY_C)[0] == 200
-    assert server.raw("GET", "/v1/sessions", key=KEY_C)[1]["data"] == []
-    assert not [f for f in files if f.exists()]  # ended sessions leave no file behind
+    def matches_reference(history: list[int], answer: list[int]) -> bool:
+        return capacity.answer_matches(answer, reference(history, capacity.ANSWER_TOKENS), EOS)
+
+    result = capacity.run_capacity(server.base_url, f"127.0.0.1:{server.grpc_port}", server.model, KEY_C,
+                                   POOL_BLOCKS, matches_reference)
+    assert result["sessions"] * capacity.SESSION_BLOCKS >= 4 * POOL_BLOCKS
+    resident = POOL_BLOCKS // capacity.SESSION_BLOCKS
+    assert result["offloaded_to_disk_after_first_turns"] >= result["sessions"] - resident, result
+    assert result["offload_files_after_first_turns"] == result["offloaded_to_disk_after_first_turns"], result
+    assert result["restores"] >= result["sessions"] - resident, result
+    assert result["lost"] == result["wrong_answers"] == result["not_fully_restored"] == 0, result
+    assert result["files_left_after_end"] == result["sessions_left_after_end"] == 0, result
 
 
 # ---- gRPC -----------------------------------------------------------------------------------------
@@ -259,7 +237,7 @@ def start_session(server: Server) -> tuple[str, list[int]]:
 
 def next_turn_is_right(server: Server, session: str, history: list[int], reference) -> pb.Usage:
     answer, usage = generate_ids(server, history, 4, session_id=session)
-    assert_reference(answer, reference(history, 4))
+    assert capacity.answer_matches(answer, reference(history, 4), EOS), (answer, reference(history, 4))
     server.raw("DELETE", f"/v1/sessions/{session}")
     return usage
 
