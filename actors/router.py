@@ -38,7 +38,7 @@ from .data_parallel import DataParallelGroup, rendezvous_address
 from .devices import ComputeDtype, actor_device, compute_dtype
 from .load_stats import LoadStats
 from .placement import Placement
-from .sequences import CacheShape, SequenceTable, StepRequest
+from .sequences import CacheNotAllocated, CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
 from .transports.objectstore import ObjectStoreTransport
 
@@ -186,27 +186,33 @@ class RouterActor:
         together). Returns per chunk the sampled next token, or None for a chunk inside its prompt."""
         return await self._step(self._run_step, request)
 
+    def _pool(self) -> LatentCache:
+        if self.cache is None:
+            raise CacheNotAllocated(self.index)
+        return self.cache
+
     def _run_step(self, request: StepRequest) -> list[Sampled | None]:
+        cache = self._pool()
         self.sequences.update(request.opened, request.closed)
         if not request.chunks:
             return []
         input_ids, batch = self.sequences.batch(request.chunks)
         with torch.no_grad():
-            logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
+            logits = self.model(input_ids, cache=cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
         return self.sequences.sample(request.chunks, logits)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
         """The blocks' contents in host memory (they leave this device for an offload tier or a router)."""
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return await self._step(lambda: self.cache.export_blocks(ids).cpu())
+        return await self._step(lambda: self._pool().export_blocks(ids).cpu())
 
     async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        await self._step(self.cache.import_blocks, ids, data.to(self.device))
+        await self._step(self._pool().import_blocks, ids, data.to(self.device))
 
     async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         sources, targets = (torch.tensor(column, dtype=torch.long, device=self.device) for column in zip(*pairs))
-        await self._step(self.cache.copy_blocks, sources, targets)
+        await self._step(self._pool().copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
     async def forward_backward(self, input_ids: Tensor, output_weights: Tensor) -> dict[str, Tensor]:

@@ -16,6 +16,18 @@ from model import RaggedBatch
 from model.sampling import Sampled, SamplingParams, SequenceSampler
 
 
+class CacheNotAllocated(RuntimeError):
+    """The router has no block pool: it was restarted (a fresh process) since the engine allocated one.
+    Whatever the engine's books say this router holds is gone; the engine allocates a new pool."""
+
+    def __init__(self, router: int):
+        super().__init__(f"router {router} has no latent-cache pool (restarted since it was allocated)")
+        self.router = router
+
+    def __reduce__(self):  # crosses Ray: rebuilt from the router index
+        return CacheNotAllocated, (self.router,)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheShape:
     """A router's block pool, as `RouterActor.init_cache` allocated it."""

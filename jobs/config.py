@@ -107,6 +107,8 @@ class TrainConfig(BaseModel):
     # Checkpoints, logs, export.
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0, description="times the run resumes from its newest checkpoint when a "
+                              "process of its graph dies")
     progress: bool = True
     plot: bool = True
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -128,38 +130,82 @@ class TrainConfig(BaseModel):
         return AdamWSettings(lr=self.schedule.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
 
 
+class ConfigError(ValueError):
+    """What is wrong with a job config, in one line that names the key."""
+
+
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
         data = data.setdefault(key, {})
         if not isinstance(data, dict):
-            raise ValueError(f"cannot set {dotted}: {key} is not a mapping")
+            raise ConfigError(f"cannot set {dotted}: {key} is not a mapping")
     data[keys[-1]] = value
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(error)}") from None
+    if not isinstance(data, dict | None):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, not a {type(data).__name__}")
+    return data or {}
+
+
+def _validation_message(error: ValidationError) -> str:
+    """The first problem as `key: what is wrong (got value)`, and how many more there are."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    got = "" if first["type"] in ("extra_forbidden", "missing") or not first["loc"] else f" (got {first['input']!r:.80})"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return _one_line(f"{key}: {what}{got}{more}")
+
+
+def _check_files(config: TrainConfig) -> None:
+    """The files a config names exist, before any work starts."""
+    init, tokenizer, data = config.model.init, config.model.tokenizer, config.data
+    if init is not None and not (Path(init) / "config.json").is_file():
+        raise ConfigError(f"model.init: {init} is not a model folder (no config.json)")
+    if tokenizer != "bundled" and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"model.tokenizer: {tokenizer} has no tokenizer.json (or say 'bundled')")
+    if data.source == "file" and data.path is None:
+        raise ConfigError("data.path: required when data.source is 'file'")
+    if data.source == "file" and not Path(data.path).exists():
+        raise ConfigError(f"data.path: {data.path} does not exist")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML). Any problem is a ConfigError."""
+    data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(value))
-    return TrainConfig.model_validate(data)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key.strip()}: the value {value!r} is not valid YAML: {_one_line(error)}") from None
+        _set_path(data, key.strip(), parsed)
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_validation_message(error)) from None
+    _check_files(config)
+    return config
 
 
 def load_config_or_exit(prog: str, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """`load_config` for a command line: a missing file, broken YAML, an unknown key or a bad value ends
-    the process with one line that names it."""
+    """`load_config` for a command line: any problem ends the process with one line that names it."""
     try:
         return load_config(path, overrides)
-    except (OSError, ValueError, yaml.YAMLError) as error:  # pydantic's ValidationError is a ValueError
-        raise SystemExit(f"{prog}: error: {path or 'config'}: {_one_line(error)}") from None
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-    return " ".join(str(error).split())
+    except (OSError, ConfigError) as error:
+        raise SystemExit(f"{prog}: error: {_one_line(error)}") from None

@@ -38,6 +38,7 @@ from .trainer import (
     export_model,
     latest_checkpoint,
     list_checkpoints,
+    lost_an_actor,
     make_trainer,
     restore_training_state,
     save_checkpoint,
@@ -276,23 +277,34 @@ def evaluate_and_export(config: TrainConfig, run_dir: Path, result: dict[str, An
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
+    graph dies, up to config.max_failures times."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     run_dir = prepare_run_dir(config, resume, overwrite)
     start = find_start(config, run_dir, resume)
-    tokenizer = ChatTokenizer.from_pretrained(start.model_dir)
-    data = TrainingData(config.data, tokenizer, config.seq_len, config.seed)
-    batches = data.batches(config.batch_size, start.data_position)
-
-    trainer = make_trainer(config, start.model_dir)
-    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
-    try:
-        if start.checkpoint is not None:
-            restore_training_state(trainer, start.checkpoint)
-        result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
-    finally:
-        metrics.close()
-        trainer.close()
+    data = TrainingData(config.data, ChatTokenizer.from_pretrained(start.model_dir), config.seq_len, config.seed)
+    failures = 0
+    while True:
+        trainer = make_trainer(config, start.model_dir)
+        metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
+        try:
+            if start.checkpoint is not None:
+                restore_training_state(trainer, start.checkpoint)
+            batches = data.batches(config.batch_size, start.data_position)
+            result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
+            break
+        except Exception as error:
+            if not lost_an_actor(error) or failures >= config.max_failures:
+                raise
+            failures += 1
+            log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
+                f"complete checkpoint (failure {failures} of at most {config.max_failures})")
+            start = find_start(config, run_dir, resume=True)
+        finally:
+            metrics.close()
+            trainer.close()
+    result["failures"] = failures
 
     if config.plot:
         plot(metrics.records, run_dir / PLOT_FILE)

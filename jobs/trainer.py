@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.checkpoint import fsync, write_index, write_json_atomic, write_shard
+from model.checkpoint import fsync, read_torch_file, write_index, write_json_atomic, write_shard
 from model.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from model.training import (
     NamedAdamW,
@@ -157,7 +157,7 @@ def save_rng_states(path: Path, router_states: list[torch.Tensor]) -> None:
 
 def load_rng_states(path: Path) -> list[torch.Tensor]:
     """Restore the driver's RNG states; returns the routers' (by rank)."""
-    states = torch.load(path, map_location="cpu", weights_only=True)
+    states = read_torch_file(path)
     torch.set_rng_state(states["driver.torch"])
     gauss = states["driver.python_gauss"].tolist()
     random.setstate((random.Random.VERSION, tuple(states["driver.python"].tolist()), gauss[0] if gauss else None))
@@ -304,6 +304,18 @@ class GraphTrainer(Trainer):
 
     def close(self) -> None:
         self.graph.teardown()
+
+
+def lost_an_actor(error: BaseException) -> bool:
+    """Whether a step or a checkpoint write failed because a process of the graph died (also when
+    another actor saw it die: Ray then wraps the death in that actor's task error)."""
+    import ray
+
+    while error is not None:
+        if isinstance(error, ray.exceptions.RayActorError):
+            return True
+        error = getattr(error, "cause", None)
+    return False
 
 
 def make_trainer(config: TrainConfig, model_dir: Path) -> Trainer:

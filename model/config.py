@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RopeScaling(BaseModel):
@@ -162,8 +162,14 @@ class DeepseekV2Config(BaseModel):
     # ---- config.json ----------------------------------------------------------------------------
     @classmethod
     def from_json_file(cls, path: str | Path) -> "DeepseekV2Config":
-        with open(path) as f:
-            return cls.model_validate(json.load(f))
+        from .checkpoint import CheckpointError, read_json
+
+        try:
+            return cls.model_validate(read_json(Path(path)))
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            where = ".".join(map(str, first["loc"])) or "config"
+            raise CheckpointError(f"{path}: {where}: {first['msg']}") from None
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "DeepseekV2Config":

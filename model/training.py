@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from .checkpoint import fsync
+from .checkpoint import CheckpointError, fsync, read_torch_file
 from .transformer import DeepseekV2ForCausalLM
 
 IGNORE_INDEX = -100  # the label of a position that is not learned (torch's cross_entropy default)
@@ -165,16 +165,24 @@ class NamedAdamW:
         fsync(path)
 
     def load(self, paths: list[str | Path]) -> int:
-        """Take the state of the parameters held here from named state files; returns how many found."""
+        """Take the state of the parameters held here from named state files; returns how many found.
+        Every file is read before any state is taken: a file that cannot be read changes nothing."""
         found = 0
-        for path in paths:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        for saved in [load_state_file(path) for path in paths]:
             for name, state in saved["state"].items():
                 if name in self.params:
                     param = self.params[name]
                     self.optimizer.state[param] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
                     found += 1
         return found
+
+
+def load_state_file(path: str | Path) -> dict:
+    """An optimizer state file (a {"state": {name: ...}} dict), or a CheckpointError."""
+    saved = read_torch_file(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise CheckpointError(f"{path}: not an optimizer state (no 'state')")
+    return saved
 
 
 # ---- the dense forward / backward of a next-token step ---------------------------------------------
