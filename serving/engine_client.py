@@ -7,6 +7,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
+from ray.serve.exceptions import RequestCancelledError
+
 from .errors import APIError, api_error, engine_unavailable
 from engine.generation import EngineBatch, GenerationRequest, Usage
 
@@ -90,7 +92,10 @@ class EngineWatch:
 
     def error(self, error: Exception, params: Mapping[str, str], what: str) -> APIError:
         """An engine exception through `serving.errors.ENGINE_ERRORS`; anything else means the replica
-        could not be reached: 503."""
+        could not be reached: 503. A call cancelled because its client went away says nothing about the
+        replica: it is a cancellation here too."""
+        if isinstance(error, RequestCancelledError):
+            raise asyncio.CancelledError() from error
         mapped = api_error(error, params)
         if mapped is not None:
             return mapped
