@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.expert import ExpertActor
 from actors.placement import Placement
 from actors.router import RouterActor
+from actors.transports.objectstore import ObjectStoreTransport
 from model import DeepseekV2Config
 
 from .ray_logs import expected_record_silenced
@@ -22,6 +23,7 @@ from .spec import ClusterSpec
 
 NAMESPACE = "moeray"
 READY_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 30
 
 # The graph's own processes, set here rather than by the user: expert messages up to 1 MiB travel inline
 # with the call instead of through the object store (a decode step's are far smaller); and a router
@@ -149,6 +151,7 @@ class ActorGraph:
         return cls(spec, routers, experts, Placement.model_validate(description["placement"]))
 
     def teardown(self) -> None:
+        self._stop_compiled_graphs()
         for actor in [*self.routers, *self.experts]:
             ray.kill(actor, no_restart=True)
         if self.placement_group is not None:
@@ -158,4 +161,13 @@ class ActorGraph:
                 remove_placement_group(ray.util.get_placement_group(f"{self.spec.name}-graph"))
             except ValueError:
                 pass
+
+    def _stop_compiled_graphs(self) -> None:
+        """A compiled graph keeps a loop task running on each expert actor; killed under it, Ray reports
+        the task as failed on the driver's output. Routers that still answer end theirs first."""
+        try:
+            ray.get([r.set_transport.remote(ObjectStoreTransport.name) for r in self.routers],
+                    timeout=STOP_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a router that is gone or stuck is killed with the rest
 
