@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.training import AdamWSettings
 
-from .data import DataConfig
+from .data import ArithConfig, DataConfig
 
 
 class ModelSource(BaseModel):
@@ -81,15 +82,15 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 8
 
 
-class TrainConfig(BaseModel):
+class RunConfig(BaseModel):
+    """What every training job on the actor graph shares: the model to start from, the optimizer and
+    its schedule, the graph's shape, checkpoints and logs. TrainConfig (SFT) and GRPOConfig add theirs."""
+
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = "runs/sft"
     model: ModelSource = Field(default_factory=ModelSource)
     moe: MoETraining = Field(default_factory=MoETraining)
-    data: DataConfig = Field(default_factory=DataConfig)
-    seq_len: int = Field(64, ge=2)
-    batch_size: int = Field(32, ge=1, description="rows per optimizer step, split over the routers")
     steps: int = Field(100, ge=1)
     schedule: Schedule = Field(default_factory=Schedule)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -109,13 +110,10 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
     plot: bool = True
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     export_dir: str | None = Field(None, description="also write the final model (HF folder + tokenizer) here")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.batch_size % self.routers:
-            raise ValueError(f"batch_size={self.batch_size} must split evenly over routers={self.routers}")
+    def _check_graph_and_model(self) -> "RunConfig":
         if self.expert_actors == 0 and self.routers != 1:
             raise ValueError("one-process training (expert_actors=0) has one rank")
         if self.model.init is None and self.model.preset is None:
@@ -127,6 +125,31 @@ class TrainConfig(BaseModel):
         passes its own)."""
         return AdamWSettings(lr=self.schedule.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
 
+    def arith_task(self) -> ArithConfig | None:
+        """The synthetic arithmetic task this run trains on, if any (saved next to the model)."""
+        return None
+
+
+class TrainConfig(RunConfig):
+    """Pretraining / SFT (jobs.sft)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    seq_len: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=1, description="rows per optimizer step, split over the routers")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "TrainConfig":
+        if self.batch_size % self.routers:
+            raise ValueError(f"batch_size={self.batch_size} must split evenly over routers={self.routers}")
+        return self
+
+    def arith_task(self) -> ArithConfig | None:
+        return self.data.arith if self.data.source == "arith" else None
+
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -137,8 +160,8 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[ConfigT] = TrainConfig) -> ConfigT:
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML), validated by `schema`."""
     data: dict[str, Any] = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -147,4 +170,35 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(value))
-    return TrainConfig.model_validate(data)
+    return schema.model_validate(data)
+
+
+# The command-line flags every job takes besides --set: flag -> config key.
+SHORTCUT_FLAGS = {
+    "--run-dir": "run_dir", "--steps": "steps", "--seed": "seed", "--expert-actors": "expert_actors",
+    "--routers": "routers", "--dtype": "dtype", "--export-dir": "export_dir",
+}  # fmt: skip
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments of a training job: --config, --resume, --overwrite, --set KEY=VALUE, shortcuts."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file (jobs/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    for flag, key in SHORTCUT_FLAGS.items():
+        parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, schema: type[ConfigT]) -> ConfigT:
+    """The job's config from parsed arguments; a missing file or an invalid key exits with one line."""
+    overrides = list(args.set) + [
+        f"{key}={getattr(args, key)}" for key in SHORTCUT_FLAGS.values() if getattr(args, key) is not None
+    ]
+    try:
+        return load_config(args.config, overrides, schema)
+    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        lines = str(error).strip().splitlines()[:3]  # pydantic: the count, the key, what is wrong with it
+        raise SystemExit(f"{args.config or 'config'}: {' '.join(line.strip() for line in lines)}") from None

@@ -28,7 +28,7 @@ import yaml
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
 
-from .config import TrainConfig, load_config
+from .config import RunConfig, TrainConfig, config_from_args, job_parser
 from .data import TrainingData
 from .trainer import (
     STATE_FILE,
@@ -53,13 +53,13 @@ def log(message: str) -> None:
 # ---- the model to start from ----------------------------------------------------------------------
 
 
-def load_tokenizer(config: TrainConfig, vocab_size: int | None) -> ChatTokenizer:
+def load_tokenizer(config: RunConfig, vocab_size: int | None) -> ChatTokenizer:
     if config.model.tokenizer == "bundled":
         return ChatTokenizer.bundled(vocab_size)
     return ChatTokenizer.from_pretrained(config.model.tokenizer)
 
 
-def model_config(config: TrainConfig) -> DeepseekV2Config:
+def model_config(config: RunConfig) -> DeepseekV2Config:
     if config.model.init is not None:
         base = DeepseekV2Config.from_pretrained(config.model.init)
         data = {**base.model_dump(), **config.model.overrides}
@@ -68,7 +68,7 @@ def model_config(config: TrainConfig) -> DeepseekV2Config:
     return DeepseekV2Config.model_validate({**data, **config.moe.config_overrides()})
 
 
-def write_init(config: TrainConfig, directory: Path) -> Path:
+def write_init(config: RunConfig, directory: Path) -> Path:
     """The step-0 model folder every actor loads its slice from (random init, or a copy of `init`)."""
     cfg = model_config(config)
     if directory.exists():
@@ -81,8 +81,8 @@ def write_init(config: TrainConfig, directory: Path) -> Path:
         DeepseekV2ForCausalLM(cfg).init_weights(seed=seed).save_pretrained(directory)
     if not (directory / "tokenizer.json").exists():
         load_tokenizer(config, cfg.vocab_size).save_pretrained(directory)
-    if config.data.source == "arith":
-        (directory / "arith_task.json").write_text(config.data.arith.model_dump_json(indent=2) + "\n")
+    if config.arith_task() is not None:
+        (directory / "arith_task.json").write_text(config.arith_task().model_dump_json(indent=2) + "\n")
     return directory
 
 
@@ -166,7 +166,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 # ---- the training loop ----------------------------------------------------------------------------
 
 
-def prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     """The run folder, with no half-written checkpoint in it; refuses to start over unless told to."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ class Start:
     checkpoint: Path | None
 
 
-def find_start(config: TrainConfig, run_dir: Path, resume: bool) -> Start:
+def find_start(config: RunConfig, run_dir: Path, resume: bool) -> Start:
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE_FILE).read_text())
@@ -297,26 +297,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sft", description="pretraining / SFT on the actor graph")
-    parser.add_argument("--config", help="YAML file (jobs/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
-    for flag, key in [("--run-dir", "run_dir"), ("--steps", "steps"), ("--seed", "seed"),
-                      ("--expert-actors", "expert_actors"), ("--routers", "routers"), ("--dtype", "dtype"),
-                      ("--export-dir", "export_dir")]:
-        parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
-    return parser
+    return job_parser("python -m jobs.sft", "pretraining / SFT on the actor graph")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = build_parser().parse_args(argv)
-    overrides = list(args.set)
-    for key in ("run_dir", "steps", "seed", "expert_actors", "routers", "dtype", "export_dir"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    config = load_config(args.config, overrides)
+    config = config_from_args(args, TrainConfig)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

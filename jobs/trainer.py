@@ -44,7 +44,7 @@ from model.training import (
     next_token_backward,
 )
 
-from .config import TrainConfig
+from .config import RunConfig
 
 DENSE_FILE = "model-dense.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -173,10 +173,15 @@ def load_rng_states(path: Path) -> list[torch.Tensor]:
 class Trainer:
     """What jobs/sft.py needs from a trainer."""
 
-    config: TrainConfig
+    config: RunConfig
     model_config: DeepseekV2Config
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
+        """After the backward of a step (SFT's, GRPO's): clip to the global gradient norm, step every
+        owner of parameters, zero the gradients; returns the norm."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
@@ -201,7 +206,7 @@ class LocalTrainer(Trainer):
     """The whole model in this process: the dense parameters stepped as a router steps them, the
     experts by an optimizer of their own exactly as an expert actor steps them."""
 
-    def __init__(self, config: TrainConfig, model_dir: Path):
+    def __init__(self, config: RunConfig, model_dir: Path):
         self.config = config
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir)
         self.model_config = self.model.config
@@ -215,11 +220,16 @@ class LocalTrainer(Trainer):
         n_learned = learned_tokens(labels)
         seed = step_seed(self.config.seed, step, 0)
         parts = next_token_backward(self.model, input_ids, labels, 1.0 / max(n_learned, 1), seed, self.config.dtype)
+        grad_norm = self.apply_gradients(lr, [])
+        return {**combine_parts([parts], n_learned), "grad_norm": grad_norm}
+
+    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
+        """Clip to the global norm and step both optimizers (this process reads its own norms)."""
         grad_norm = math.sqrt(sum(owner.grad_sq_norm() for owner in self.owners))
         scale = clip_scale(grad_norm, self.config.grad_clip)
         for owner in self.owners:
             owner.step(lr, scale)
-        return {**combine_parts([parts], n_learned), "grad_norm": grad_norm}
+        return grad_norm
 
     def save(self, directory: Path) -> None:
         (directory / OPTIMIZER_DIR).mkdir(exist_ok=True)
@@ -239,7 +249,7 @@ class LocalTrainer(Trainer):
 class GraphTrainer(Trainer):
     """Routers as data-parallel ranks, expert actors owning their experts' gradients and AdamW."""
 
-    def __init__(self, config: TrainConfig, model_dir: Path, name: str | None = None):
+    def __init__(self, config: RunConfig, model_dir: Path, name: str | None = None):
         import ray
 
         from cluster.graph import ActorGraph
@@ -271,6 +281,13 @@ class GraphTrainer(Trainer):
             router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank))
             for rank, (router, ids, lab) in enumerate(zip(self.routers, input_ids.chunk(ranks), labels.chunk(ranks)))
         ])
+        grad_norm = self.apply_gradients(lr, [p.dense_grad_sq for p in parts])
+        return {**combine_parts(parts, n_learned), "grad_norm": grad_norm}
+
+    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
+        """After every rank's backward (dense_grad_sq: each rank's dense norm² as it reported it): the
+        dense gradients averaged over ranks, the global norm clipped, every owner steps. Returns the norm."""
+        ray, ranks = self.ray, len(self.routers)
         expert_sq_ref = [e.grad_sq_norm.remote() for e in self.experts]
         if ranks > 1:
             grads = ray.get([r.dense_grads.remote() for r in self.routers])
@@ -278,7 +295,7 @@ class GraphTrainer(Trainer):
             dense_sq = float(sum(g.double().pow(2).sum() for g in mean.values()))
             ray.get([r.set_dense_grads.remote(mean) for r in self.routers])
         else:
-            dense_sq = parts[0].dense_grad_sq
+            dense_sq = dense_grad_sq[0]
         expert_sq = sum(ray.get(expert_sq_ref)) / ranks**2
         grad_norm = math.sqrt(dense_sq + expert_sq)
         scale = clip_scale(grad_norm, self.config.grad_clip)
@@ -286,7 +303,7 @@ class GraphTrainer(Trainer):
             [r.apply_train_step.remote(lr, scale) for r in self.routers]
             + [e.step.remote(lr, scale / ranks) for e in self.experts]
         )
-        return {**combine_parts(parts, n_learned), "grad_norm": grad_norm}
+        return grad_norm
 
     def save(self, directory: Path) -> None:
         ray = self.ray
@@ -321,7 +338,7 @@ class GraphTrainer(Trainer):
         self.graph.teardown()
 
 
-def make_trainer(config: TrainConfig, model_dir: Path) -> Trainer:
+def make_trainer(config: RunConfig, model_dir: Path) -> Trainer:
     return GraphTrainer(config, model_dir) if config.expert_actors > 0 else LocalTrainer(config, model_dir)
 
 
