@@ -21,7 +21,16 @@ from torch import Tensor
 from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts, RaggedBatch
 from model.checkpoint import write_shard
 from model.sampling import SamplingParams, sample_one
-from model.training import AdamWSettings, NamedAdamW, StepParts, dense_parameters, dense_state_dict, next_token_backward
+from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
+from model.training import (
+    AdamWSettings,
+    NamedAdamW,
+    ReferenceWeights,
+    StepParts,
+    dense_parameters,
+    dense_state_dict,
+    next_token_backward,
+)
 
 from .load_stats import LoadStats
 from .placement import Placement
@@ -63,6 +72,7 @@ class RouterActor:
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
+        self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
 
@@ -241,6 +251,41 @@ class RouterActor:
 
     async def set_rng_state(self, state: Tensor) -> None:
         await self._step(torch.set_rng_state, state)
+
+    # ---- GRPO: the policy update and the reference (π_ref), on these same weights (jobs/policy.py) -----
+    async def policy_backward(self, batch: PolicyBatch, settings: GRPOSettings, output_weight: float, seed: int) -> PolicyParts:
+        """Forward (replaying the rollout's routing when settings say so) + backward of this rank's
+        outputs; returns the objective's parts and the dense grad norm²."""
+
+        def run() -> PolicyParts:
+            parts = policy_backward(self.model, batch, settings, output_weight, seed, self.train_dtype)
+            return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
+
+        return await self._step(run)
+
+    async def logprobs(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+        """log π of each target with the weights in place (the reference's after use_reference(True))."""
+        return await self._step(policy_logprobs, self.model, input_ids, targets, self.train_dtype)
+
+    async def configure_reference(self) -> None:
+        """Freeze a copy of the dense weights as the reference."""
+
+        def run() -> None:
+            self.reference = ReferenceWeights(dense_parameters(self.model))
+
+        await self._step(run)
+
+    async def use_reference(self, reference: bool) -> None:
+        await self._step(self.reference.use, reference)
+
+    async def reset_reference(self) -> None:
+        await self._step(self.reference.reset)
+
+    async def save_reference(self, path: str) -> dict[str, int]:
+        return await self._step(self.reference.save, path)
+
+    async def load_reference(self, directory: str) -> None:
+        await self._step(self.reference.load, directory)
 
     # ---- transports and placement -----------------------------------------------------------------
     async def set_transport(self, name: str) -> str:
