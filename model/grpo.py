@@ -25,6 +25,8 @@ from .transformer import DeepseekV2ForCausalLM
 class GRPOSettings(BaseModel):
     """The objective's constants (what a rank needs to compute its share of the loss)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     clip_eps: float = Field(0.2, gt=0, lt=1, description="ε: the ratio is clipped to [1 − ε, 1 + ε_high]")
     clip_eps_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher); None = ε")
     beta: float = Field(0.04, ge=0, description="β: weight of the k3 KL to the reference; 0 = no reference")

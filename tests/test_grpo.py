@@ -67,7 +67,7 @@ def test_grpo_loss_and_gradient_equal_the_hand_computation():
     assert float(loss.detach()) == pytest.approx(expected_loss, abs=1e-6)
     torch.testing.assert_close(logprobs.grad, torch.tensor(expected_grads, dtype=torch.float64), atol=1e-6, rtol=0)
     assert bool(terms.clipped.any()) and not bool(terms.clipped.all())  # both branches of min are exercised
-    assert not bool(terms.clipped[~mask].any()) and float(terms.kl[~mask].abs().sum()) == 0
+    assert not bool(terms.clipped[~mask].any()) and float(terms.kl.detach()[~mask].abs().sum()) == 0
 
 
 def test_equal_rewards_give_zero_advantage_and_std_normalisation_is_optional():

@@ -1,0 +1,89 @@
+"""GRPOConfig: the pydantic-validated YAML of a GRPO job (jobs.grpo), over what every job shares."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.grpo import GRPOSettings
+
+from .config import RunConfig, Schedule
+from .data import ArithConfig
+from .rewards import RewardSpec
+
+
+class ConversationTask(BaseModel):
+    """Multi-turn arithmetic: min_turns..max_turns questions, the earlier ones answered correctly in
+    the prompt, the last one for the policy; prompts only, the rewards check the last answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arith: ArithConfig = Field(default_factory=lambda: ArithConfig(ops=["+"]))
+    min_turns: int = Field(2, ge=1)
+    max_turns: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> "ConversationTask":
+        if self.min_turns > self.max_turns:
+            raise ValueError("task: min_turns > max_turns")
+        return self
+
+
+class RolloutSampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+
+
+class GRPOEval(BaseModel):
+    """Greedy exact match of the policy on held-out questions (one process, from a checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(0, ge=0, description="evaluate every N steps at a checkpoint (0 = only at the end)")
+    conversations: int = Field(200, ge=0, description="held-out conversations (last answer scored)")
+    single_turn: int = Field(1000, ge=0, description="held-out single questions")
+    max_new_tokens: int = Field(6, ge=1)
+
+
+def default_rewards() -> list[RewardSpec]:
+    return [
+        RewardSpec(function="jobs.rewards:exact_match", weight=1.0),
+        RewardSpec(function="jobs.rewards:digit_match", weight=0.5),
+        RewardSpec(function="jobs.rewards:bare_number", weight=0.1),
+    ]
+
+
+class GRPOConfig(RunConfig):
+    """GRPO from a chat model (model.init): rollouts by the serving engine on the actor graph, the
+    update on the same routers and expert actors (SPEC §5)."""
+
+    run_dir: str = "runs/grpo"
+    schedule: Schedule = Field(default_factory=lambda: Schedule(kind="constant", lr=1e-6, warmup_steps=0))
+    task: ConversationTask = Field(default_factory=ConversationTask)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2, description="G: answers sampled per prompt")
+    sampling: RolloutSampling = Field(default_factory=RolloutSampling)
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    updates_per_batch: int = Field(1, ge=1, description="μ: passes of optimizer steps over each rollout batch")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass (the batch's outputs split evenly)")
+    normalize_std: bool = Field(True, description="divide advantages by the group's std (False: Dr. GRPO)")
+    advantage_eps: float = Field(1e-4, gt=0)
+    reference_reset_every: int | None = Field(None, ge=1, description="iterative GRPO: π_ref ← π_θ every N steps")
+    rewards: list[RewardSpec] = Field(default_factory=default_rewards)
+    eval: GRPOEval = Field(default_factory=GRPOEval)
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> "GRPOConfig":
+        if self.expert_actors < 1:
+            raise ValueError("GRPO's rollouts run on the actor graph: expert_actors must be at least 1")
+        if self.minibatches > self.prompts_per_step * self.group_size:
+            raise ValueError("minibatches exceed the outputs of a step")
+        if self.model.init is None:
+            raise ValueError("GRPO starts from a model: set model.init to a chat model folder")
+        return self
+
+    def arith_task(self) -> ArithConfig:
+        return self.task.arith
