@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 import torch
 from torch import Tensor
 
@@ -35,7 +36,8 @@ class ExpertActor:
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
 
     def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "experts": self.held()}
+        node = ray.get_runtime_context().get_node_id()
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "experts": self.held()}
 
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}

@@ -65,7 +65,8 @@ class LoadStats:
             self._fold(layer)
         return {layer: counts.clone() for layer, counts in self.tokens_per_expert.items()}
 
-    def snapshot(self) -> dict:
+    def snapshot(self, actor_nodes: list[str] | None = None) -> dict:
+        """Per MoE layer; with `actor_nodes` (the node of each expert actor) also tokens per node."""
         layers = {}
         for layer in self.layers:
             self._fold(layer)
@@ -79,4 +80,9 @@ class LoadStats:
                 "actors_per_token_max": self.max_actors_per_token[layer],
                 "messages": self.messages[layer],
             }
+            if actor_nodes is not None:
+                per_node: dict[str, int] = {}
+                for node, tokens in zip(actor_nodes, self.tokens_per_actor[layer].tolist()):
+                    per_node[node] = per_node.get(node, 0) + tokens
+                layers[str(layer)]["tokens_per_node"] = per_node
         return {"layers": layers}

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import ray
 import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
@@ -50,15 +51,17 @@ class RouterActor:
         self,
         model_dir: str,
         index: int,
-        expert_actors: list,
+        expert_actor_names: list[str],
+        namespace: str,
         placement: Placement,
         settings: RouterSettings,
         graph_spec: dict | None = None,
     ):
-        """`expert_actors`: handles in actor-index order. `graph_spec`: what built this graph, handed back
-        by `describe` to drivers that attach to it later."""
+        """`expert_actor_names`: the expert actors in actor-index order, found by name rather than passed
+        as handles (Ray cannot restart an actor whose constructor arguments hold object references).
+        `graph_spec`: what built this graph, handed back by `describe` to drivers that attach later."""
         self.index = index
-        self.expert_actors = expert_actors
+        self.expert_actors = [ray.get_actor(name, namespace=namespace) for name in expert_actor_names]
         self.settings = settings
         self.graph_spec = graph_spec or {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
@@ -66,8 +69,8 @@ class RouterActor:
         self.model_dir = model_dir
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, expert_ids=[])
         config = self.model.config
-        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(expert_actors))
-        self.objectstore = ObjectStoreTransport(expert_actors, settings.transport_settings)
+        self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
+        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
@@ -84,7 +87,8 @@ class RouterActor:
 
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "transport": self.transport_name}
+        node = ray.get_runtime_context().get_node_id()
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "transport": self.transport_name}
 
     @property
     def transport_name(self) -> str:
@@ -104,7 +108,11 @@ class RouterActor:
         return self.expert_actors
 
     async def load_stats(self) -> dict:
-        return {**self.stats.snapshot(), "transport": self.transport_name}
+        """Tokens per expert, per expert actor and per node (where each actor lives now: a restarted
+        actor may have moved), imbalance and actors reached per token, for every MoE layer."""
+        replies = await asyncio.gather(*(actor.ready.remote() for actor in self.expert_actors))
+        nodes = [reply["node_id"] for reply in replies]
+        return {**self.stats.snapshot(nodes), "transport": self.transport_name}
 
     async def reset_stats(self) -> None:
         self.stats.reset()

@@ -96,7 +96,7 @@ class ActorGraph:
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
             [bundle] * spec.expert_actors + [{"CPU": spec.cpus_per_actor}] * spec.routers,
-            strategy="PACK",
+            strategy=spec.placement_strategy,
             name=f"{spec.name}-graph",
             lifetime="detached" if spec.detached else None,
         )
@@ -128,10 +128,11 @@ class ActorGraph:
             for i in range(spec.expert_actors)
         ]
         ray.get([e.ready.remote() for e in experts], timeout=READY_TIMEOUT_S)
+        expert_names = [expert_name(spec.name, i) for i in range(spec.expert_actors)]
         routers = [
             ray.remote(RouterActor)
             .options(**options(router_name(spec.name, r), spec.expert_actors + r, {"CPU": spec.cpus_per_actor}))
-            .remote(spec.model, r, experts, placement, spec.router_settings(), spec.model_dump())
+            .remote(spec.model, r, expert_names, NAMESPACE, placement, spec.router_settings(), spec.model_dump())
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from actors.router import RouterSettings
@@ -17,6 +19,9 @@ class ClusterSpec(BaseModel):
         None, gt=0, description="logical CPUs each actor reserves; None = up to 1, shared fairly on small nodes"
     )
     gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
+    )
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     transport: str = Field("objectstore", description="a registered transport (actors/transports)")

@@ -1,0 +1,113 @@
+"""A graph over three simulated Ray nodes on this machine (ray.cluster_utils.Cluster), driven in a
+process of its own because a driver joins one cluster and the test session already has one.
+
+    python -m tests.multinode_scenario MODEL_DIR   ->  one JSON object on stdout
+
+It reports, for each transport, whether greedy tokens equal one process and how the expert load
+spread over nodes; then it removes the node of an expert actor while a generation runs and reports
+whether the tokens are unchanged and how long the generation took against an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.graph import NAMESPACE, ActorGraph
+from cluster.spec import ClusterSpec
+from model import DeepseekV2ForCausalLM
+
+PROMPTS = [[5, 9, 3, 17], [7, 1, 4, 4, 8, 2, 6, 30, 31], [11]]
+NEW_TOKENS = 24
+WORKER_CPUS = 2
+
+
+def start_cluster() -> tuple[Cluster, list]:
+    """A head that hosts nothing of the graph (num_cpus=0, like KubeRay's head) and three workers."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=WORKER_CPUS) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE)
+    return cluster, workers
+
+
+def tokens_across_nodes(model_dir: str, expected: list[list[int]]) -> dict:
+    spec = ClusterSpec(model=model_dir, name="multinode", expert_actors=2, cpus_per_actor=1.0,
+                       placement_strategy="STRICT_SPREAD")  # fmt: skip
+    graph = ActorGraph.create(spec)
+    router = graph.routers[0]
+    report = {}
+    try:
+        for transport in ("objectstore", "compiled"):
+            ray.get(router.set_transport.remote(transport))
+            ray.get(router.reset_stats.remote())
+            tokens = ray.get(router.generate.remote(PROMPTS, NEW_TOKENS))
+            layers = ray.get(router.load_stats.remote())["layers"]
+            report[transport] = {
+                "tokens_equal": tokens == expected,
+                "nodes_with_tokens": max(sum(1 for n in layer["tokens_per_node"].values() if n) for layer in layers.values()),
+            }
+        ray.get(router.set_transport.remote("objectstore"))
+        nodes = [ray.get(actor.ready.remote())["node_id"] for actor in [*graph.experts, *graph.routers]]
+        report["actor_nodes_distinct"] = len(set(nodes))
+    finally:
+        graph.teardown()
+    return report
+
+
+def node_loss(cluster: Cluster, workers: list, model_dir: str, expected: list[list[int]]) -> dict:
+    """PACK-ed 2 expert actors + router with room to move: remove the node of expert actor 1 while a
+    generation runs. Its placement-group bundle is rescheduled, Ray restarts the actor there (it
+    reloads its slice from the checkpoint) and retries the calls the router was waiting on."""
+    spec = ClusterSpec(model=model_dir, name="nodeloss", expert_actors=2, cpus_per_actor=0.5,
+                       placement_strategy="SPREAD")  # fmt: skip
+    graph = ActorGraph.create(spec)
+    router = graph.routers[0]
+    try:
+        started = time.perf_counter()
+        assert ray.get(router.generate.remote(PROMPTS, NEW_TOKENS)) == expected
+        undisturbed_s = time.perf_counter() - started
+        router_node = ray.get(router.ready.remote())["node_id"]
+        victim = ray.get(graph.experts[1].ready.remote())["node_id"]
+        if victim == router_node:  # keep the router: this scenario is about losing experts
+            victim = ray.get(graph.experts[0].ready.remote())["node_id"]
+        if victim == router_node:
+            return {"skipped": "every expert actor shares the router's node"}
+        node = next(w for w in workers if w.node_id == victim)
+        started = time.perf_counter()
+        pending = router.generate.remote(PROMPTS, NEW_TOKENS)
+        cluster.remove_node(node)
+        tokens = ray.get(pending, timeout=300)
+        recovery_s = time.perf_counter() - started
+        after = [ray.get(actor.ready.remote())["node_id"] for actor in graph.experts]
+        return {
+            "tokens_equal": tokens == expected,
+            "undisturbed_s": round(undisturbed_s, 2),
+            "with_node_loss_s": round(recovery_s, 2),
+            "experts_left_the_lost_node": victim not in after,
+        }
+    finally:
+        graph.teardown()
+
+
+def main() -> None:
+    model_dir = sys.argv[1]
+    expected = DeepseekV2ForCausalLM.from_pretrained(model_dir).generate(PROMPTS, NEW_TOKENS)
+    cluster, workers = start_cluster()
+    try:
+        report = {"spread": tokens_across_nodes(model_dir, expected)}
+        report["node_loss"] = node_loss(cluster, workers, model_dir, expected)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    main()
