@@ -130,3 +130,23 @@ class LocalPolicy(Policy):
 
     def load_reference(self, checkpoint: Path) -> None:
         self.reference.load(checkpoint / REFERENCE_DIR)
+
+
+def policy_metrics(parts: list[PolicyParts]) -> dict[str, float]:
+    """The ranks' parts of one update -> its loss (−mean objective + mean balance losses) and token
+    means: KL, share of clipped tokens, ratio, entropy; the routing mismatch rate (replay off)."""
+    outputs = sum(p.outputs for p in parts)
+    tokens = max(sum(p.response_tokens for p in parts), 1)
+    routed = sum(p.routed_tokens for p in parts)
+    balance = {name: sum(p.balance[name] for p in parts) / len(parts) for name in parts[0].balance}
+    objective = sum(p.objective_sum for p in parts) / outputs
+    return {
+        "loss": -objective + sum(balance.values()),
+        "objective": objective,
+        **{f"balance_{name}": value for name, value in balance.items()},
+        "kl": sum(p.kl_sum for p in parts) / tokens,
+        "clip_fraction": sum(p.clipped_tokens for p in parts) / tokens,
+        "ratio_mean": sum(p.ratio_sum for p in parts) / tokens,
+        "entropy": sum(p.entropy_sum for p in parts) / tokens,
+        "mismatch_rate": sum(p.mismatched_tokens for p in parts) / routed if routed else 0.0,
+    }

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.config import Schedule, TrainConfig, load_config
+from jobs.config import Schedule, load_config
 from jobs.data import (
     ArithConfig,
     DataConfig,
@@ -37,10 +30,17 @@ from model.checkpoint import load_tensors, tensor_files
 from model.tokenizer import ChatTokenizer
 from model.training import IGNORE_INDEX
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-
+from .training_helpers import (
+    ENV,
+    SMOKE,
+    assert_transformers_loads,
+    init_folder,
+    kill_9_after_checkpoint,
+    ray_job_cluster,
+    run_job,
+    smoke_config,
+    submit_job,
+)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> ChatTokenizer:
@@ -172,16 +172,6 @@ def test_rng_states_are_saved_as_tensors_and_restore_the_same_draws(tmp_path):
 # ---- one step: the actor graph vs one process ------------------------------------------------------
 
 
-def smoke_config(tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])
-
-
-def init_folder(config: TrainConfig, directory: Path) -> Path:
-    from jobs.sft import write_init
-
-    return write_init(config, directory)
-
-
 def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: float, ranks: int):
     """The step in one process, written out plainly: the batch in `ranks` micro-batches (each with its
     rank's token-dropping seed) accumulated into token-mean CE + mean balance losses, clip, then one
@@ -264,9 +254,8 @@ def test_bf16_autocast_tracks_fp32_in_one_process_and_on_the_graph(ray_cluster, 
 # ---- whole runs: kill -9 and resume; Ray Jobs ------------------------------------------------------
 
 
-def run_sft(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.sft", "--config", str(SMOKE), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+def run_sft(args: list[str], env: dict) -> subprocess.Popen:
+    return run_job("jobs.sft", SMOKE, args, env)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -279,16 +268,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
     common = ["--steps", "24", "--set", "checkpoint_every=4", "--set", "plot=false"]
     reference = run_sft([*common, "--run-dir", str(tmp_path / "straight")], env)
     killed_dir = tmp_path / "killed"
-    victim = run_sft([*common, "--run-dir", str(killed_dir)], env)
-    deadline = time.monotonic() + 240
-    while not (killed_dir / "checkpoint-4" / "trainer_state.json").exists():  # poll for the file
-        assert victim.poll() is None, victim.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
-    last = max(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+    last = kill_9_after_checkpoint(run_sft([*common, "--run-dir", str(killed_dir)], env), killed_dir, 4)
     assert last < 24, "the run finished before it was killed"
     resumed = run_sft([*common, "--run-dir", str(killed_dir), "--resume"], env)
     out, _ = resumed.communicate(timeout=300)
@@ -305,59 +285,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
         torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
-    """A real `ray start --head` cluster with its dashboard, `ray job submit --working-dir .`; the
-    cluster's processes are ours alone and are stopped by process group (never `ray stop`)."""
-    import transformers
-
-    port, dashboard = free_port(), free_port()
-    # Every port of our own: other clusters on this machine hold the defaults (52365 for the job agent).
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_ports],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    """A real `ray start --head` cluster with its dashboard, `ray job submit --working-dir .`."""
     run_dir = tmp_path / "job-run"
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=ENV, capture_output=True, timeout=60).returncode:
-            assert head.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the dashboard never came up"
-            time.sleep(1)
-        submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-                  "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}),
-                  "--", "python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)]
-        while True:
-            job = subprocess.run(submit, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420)
-            if job.returncode == 0 or "No available agent" not in job.stderr + job.stdout:
-                break
-            assert time.monotonic() < deadline + 60, "the dashboard's job agent never came up"
-            time.sleep(2)  # the head's dashboard answers before its job agent has registered
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_job_cluster() as address:
+        submit_job(address, ["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)])
 
     checkpoint = run_dir / "checkpoint-6"
     assert (run_dir / "latest").read_text().strip() == "checkpoint-6"
@@ -368,11 +301,7 @@ def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {"loss", "ce", "balance_expert", "balance_device", "balance_comm", "dropped_fraction", "tokens_per_s", "expert_load"} <= set(records[0])
-    ours = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
-    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+    assert_transformers_loads(checkpoint)
 
 
 def test_moeray_train_sft_runs_the_job_in_one_process(tmp_path):
