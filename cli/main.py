@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -125,13 +126,19 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(_model_dir(args.model) if args.model else None, args.expert_actors, args.max_tokens)
 
 
-def cmd_train_sft(args: argparse.Namespace) -> None:
-    from jobs.sft import main as sft_main
+# Commands whose module parses its own arguments: (command words) -> (module with main(argv), help).
+DELEGATED = {
+    ("train", "sft"): ("jobs.sft", "pretraining / SFT: the arguments of `python -m jobs.sft`"),
+    ("k8s", "render"): ("k8s.render", "print an overlay's Kubernetes manifests: the arguments of `python -m k8s.render`"),
+}
 
-    torch.set_grad_enabled(True)
-    status = sft_main(args.args)
-    if status:
-        raise SystemExit(status)
+
+def run_delegated(words: tuple[str, str], argv: list[str]) -> int:
+    module, _ = DELEGATED[words]
+    torch.set_grad_enabled(words[0] == "train")
+    if words[0] == "k8s":
+        return importlib.import_module(module).main(argv, prog="moeray " + " ".join(words))
+    return importlib.import_module(module).main(argv) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,20 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--max-tokens", type=int, default=24)
     quick.set_defaults(func=cmd_quickstart)
 
-    train = sub.add_parser("train", help="training jobs on the actor graph (jobs/)")
-    train_jobs = train.add_subparsers(dest="job", required=True)
-    sft = train_jobs.add_parser("sft", add_help=False, help="pretraining / SFT: the arguments of `python -m jobs.sft`")
-    sft.add_argument("args", nargs="*", help="e.g. --config jobs/configs/arith-tiny.yaml [--resume]")
-    sft.set_defaults(func=cmd_train_sft)
+    groups = {
+        "train": sub.add_parser("train", help="training jobs on the actor graph (jobs/)").add_subparsers(required=True),
+        "k8s": sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests (k8s/)").add_subparsers(required=True),
+    }
+    for (group, name), (_, help_text) in DELEGATED.items():
+        groups[group].add_parser(name, add_help=False, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["train", "sft"]:  # the job parses its own arguments
-        args = argparse.Namespace(func=cmd_train_sft, args=argv[2:])
-    else:
-        args = build_parser().parse_args(argv)
+    if tuple(argv[:2]) in DELEGATED:
+        return run_delegated(tuple(argv[:2]), argv[2:])
+    args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         args.func(args)

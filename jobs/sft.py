@@ -33,6 +33,7 @@ from .data import TrainingData
 from .trainer import (
     STATE_FILE,
     Trainer,
+    copy_tokenizer,
     export_model,
     latest_checkpoint,
     list_checkpoints,
@@ -44,6 +45,7 @@ from .trainer import (
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 INIT_DIR = "init"
+TOKENIZER_DIR = "tokenizer"
 
 
 def log(message: str) -> None:
@@ -184,24 +186,31 @@ def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 @dataclass
 class Start:
-    """Where a run starts: the model folder to load, the step, the data position, and the checkpoint
-    whose optimizer and RNG states to restore (None at step 0)."""
+    """Where a run starts: the model folder to load, the step, the data position, the checkpoint
+    whose optimizer and RNG states to restore (None at step 0), and the run's own copy of the
+    tokenizer files that every checkpoint gets (the folder it started from may be deleted by then)."""
 
     model_dir: Path
     step: int
     data_position: int
     checkpoint: Path | None
+    tokenizer_dir: Path
 
 
 def find_start(config: RunConfig, run_dir: Path, resume: bool) -> Start:
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    tokenizer_dir = run_dir / TOKENIZER_DIR
+    tokenizer_dir.mkdir(exist_ok=True)
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE_FILE).read_text())
         log(f"resuming from {checkpoint} (step {state['step']}, data position {state['data_position']})")
-        return Start(checkpoint, state["step"], state["data_position"], checkpoint)
+        copy_tokenizer(checkpoint, tokenizer_dir)
+        return Start(checkpoint, state["step"], state["data_position"], checkpoint, tokenizer_dir)
     if resume:
         log(f"no complete checkpoint in {run_dir}: starting from step 0")
-    return Start(write_init(config, run_dir / INIT_DIR), 0, 0, None)
+    init = write_init(config, run_dir / INIT_DIR)
+    copy_tokenizer(init, tokenizer_dir)
+    return Start(init, 0, 0, None, tokenizer_dir)
 
 
 def run_steps(
@@ -234,7 +243,7 @@ def run_steps(
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.model_dir)
+            last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.tokenizer_dir)
             if config.plot:
                 plot(metrics.records, run_dir / PLOT_FILE)
     if progress is not None:

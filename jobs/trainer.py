@@ -342,14 +342,16 @@ def make_trainer(config: RunConfig, model_dir: Path) -> Trainer:
     return GraphTrainer(config, model_dir) if config.expert_actors > 0 else LocalTrainer(config, model_dir)
 
 
-def save_checkpoint(trainer: Trainer, run_dir: Path, step: int, data_position: int, model_dir: Path, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    trainer: Trainer, run_dir: Path, step: int, data_position: int, tokenizer_dir: Path, extra: dict | None = None
+) -> Path:
     """Everything into checkpoint-<step>.tmp/, trainer_state.json last, then the atomic rename."""
     tmp = run_dir / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     trainer.model_config.model_copy(update={"torch_dtype": "float32"}).save_pretrained(tmp)
-    copy_tokenizer(model_dir, tmp)
+    copy_tokenizer(tokenizer_dir, tmp)
     trainer.save(tmp)
     save_rng_states(tmp / RNG_FILE, trainer.rng_states())
     state = {

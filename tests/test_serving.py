@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -28,18 +27,14 @@ from serving import moeray_pb2_grpc as pb_grpc
 from serving.app import AppArgs, build
 from serving.grpc_api import SERVICER_FUNCTION
 
+from .local_ray import free_port
+
 pytestmark = pytest.mark.timeout(600)
 
 KEY_A, KEY_B = "sk-test-alice", "sk-test-bob"
 MAX_MODEL_LEN = 128
 MAX_BODY = 16 * 1024
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -30,13 +30,14 @@ from model.checkpoint import load_tensors, tensor_files
 from model.tokenizer import ChatTokenizer
 from model.training import IGNORE_INDEX
 
+from .local_ray import ray_head
 from .training_helpers import (
     ENV,
+    REPO,
     SMOKE,
     assert_transformers_loads,
     init_folder,
     kill_9_after_checkpoint,
-    ray_job_cluster,
     run_job,
     smoke_config,
     submit_job,
@@ -287,10 +288,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
-    """A real `ray start --head` cluster with its dashboard, `ray job submit --working-dir .`."""
+    """A real `ray start --head` cluster with its dashboard (tests/local_ray.py), `ray job submit --working-dir .`."""
     run_dir = tmp_path / "job-run"
-    with ray_job_cluster() as address:
-        submit_job(address, ["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)])
+    with ray_head(ENV, REPO) as head:
+        submit_job(head, ["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)])
 
     checkpoint = run_dir / "checkpoint-6"
     assert (run_dir / "latest").read_text().strip() == "checkpoint-6"

@@ -1,25 +1,22 @@
 """What the training-job tests share (SFT and GRPO): the smoke config and its init folder, jobs run as
-subprocesses, kill -9 at a checkpoint, a real `ray start` cluster for `ray job submit`, and the check
-that transformers loads a checkpoint."""
+subprocesses, kill -9 at a checkpoint, `ray job submit` on a test's own head (tests/local_ray.py), and
+the check that transformers loads a checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from jobs.config import TrainConfig, load_config
+
+from .local_ray import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
@@ -55,59 +52,9 @@ def kill_9_after_checkpoint(job: subprocess.Popen, run_dir: Path, step: int, tim
     return max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def ray_job_cluster() -> Iterator[str]:
-    """A real `ray start --head` cluster with its dashboard; yields the address `ray job submit` takes.
-    The cluster's processes are ours alone and are stopped by process group (never `ray stop`)."""
-    port, dashboard = free_port(), free_port()
-    # Every port of our own: other clusters on this machine hold the defaults (52365 for the job agent).
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_ports],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=ENV, capture_output=True, timeout=60).returncode:
-            assert head.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the dashboard never came up"
-            time.sleep(1)
-        yield address
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def submit_job(address: str, entrypoint: list[str], timeout_s: float = 420) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir . -- <entrypoint>`, waiting for the job; asserts it succeeded."""
-    submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-              "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--", *entrypoint]
-    deadline = time.monotonic() + 60
-    while True:
-        job = subprocess.run(submit, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout_s)
-        if job.returncode == 0 or "No available agent" not in job.stderr + job.stdout:
-            break
-        assert time.monotonic() < deadline, "the dashboard's job agent never came up"
-        time.sleep(2)  # the head's dashboard answers before its job agent has registered
+def submit_job(head: RayHead, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- <entrypoint>` on a test's own head; asserts the job succeeded."""
+    job = head.submit(entrypoint, runtime_env_json=json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), working_dir=".")
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert "succeeded" in job.stdout
     return job
