@@ -36,8 +36,8 @@ class ArithConfig(BaseModel):
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="questions never trained on")
     seed: int = 1234
     system_max_chars: int = Field(
-        0, ge=0, description="put each question behind a system message of 0..N random letters, so answers are "
-        "learned at varied positions (0 = questions at the start of the row)"
+        0, ge=0, description="put each question behind a system message of 0..N random characters, so answers "
+        "are learned at varied positions (0 = questions at the start of the row)"
     )
 
 
@@ -74,12 +74,13 @@ def arith_split(config: ArithConfig) -> dict[str, list[tuple[int, str, int]]]:
     return {"heldout": problems[:n_heldout], "train": problems[n_heldout:]}
 
 
-FILLER_CHARACTERS = string.ascii_lowercase + " "
+FILLER_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
 
 
 def filler_system_message(rng: random.Random, max_chars: int) -> list[dict[str, str]]:
-    """A system message of 0..max_chars random letters and spaces (none when it draws 0): text with
-    no digits and no questions, so it moves a question's position without showing a conversation."""
+    """A system message of 0..max_chars random printable characters (none when it draws 0): it moves
+    the question's position, and its digits are noise the answer must ignore; it is never a question
+    nor an answer, so no row shows a conversation."""
     length = rng.randint(0, max_chars)
     return [{"role": "system", "content": "".join(rng.choices(FILLER_CHARACTERS, k=length))}] if length else []
 

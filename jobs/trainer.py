@@ -27,7 +27,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -343,9 +343,16 @@ def make_trainer(config: RunConfig, model_dir: Path) -> Trainer:
 
 
 def save_checkpoint(
-    trainer: Trainer, run_dir: Path, step: int, data_position: int, tokenizer_dir: Path, extra: dict | None = None
+    trainer: Trainer,
+    run_dir: Path,
+    step: int,
+    data_position: int,
+    tokenizer_dir: Path,
+    extra: dict | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Everything into checkpoint-<step>.tmp/, trainer_state.json last, then the atomic rename."""
+    """Everything into checkpoint-<step>.tmp/ (and what write_more adds there, e.g. GRPO's reference),
+    trainer_state.json last, then the atomic rename."""
     tmp = run_dir / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -353,6 +360,8 @@ def save_checkpoint(
     trainer.model_config.model_copy(update={"torch_dtype": "float32"}).save_pretrained(tmp)
     copy_tokenizer(tokenizer_dir, tmp)
     trainer.save(tmp)
+    if write_more is not None:
+        write_more(tmp)
     save_rng_states(tmp / RNG_FILE, trainer.rng_states())
     state = {
         "step": step,
