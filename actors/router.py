@@ -19,10 +19,10 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts, RaggedBatch
+from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts
 from model.checkpoint import write_shard
-from model.sampling import SamplingParams, sample_one
 from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
+from model.sampling import Sampled
 from model.training import (
     AdamWSettings,
     NamedAdamW,
@@ -35,6 +35,7 @@ from model.training import (
 
 from .load_stats import LoadStats
 from .placement import Placement
+from .sequences import CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
 from .transports.objectstore import ObjectStoreTransport
 
@@ -74,6 +75,7 @@ class RouterActor:
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
+        self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.train_dtype = "float32"
@@ -160,35 +162,30 @@ class RouterActor:
         with torch.no_grad():
             return self.model.generate(prompts, max_new_tokens, **sampling)
 
-    # ---- serving: the paged latent cache and one continuous-batching step ---------------------------
-    async def init_cache(self, num_blocks: int, block_size: int) -> dict:
-        """Allocate this router's block pool (the cache manager decides who owns which block)."""
+    # ---- serving: the paged latent cache, the running sequences and one continuous-batching step -----
+    async def init_cache(self, cache_bytes: int, block_size: int) -> CacheShape:
+        """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
+        which block); running sequences are forgotten."""
         dtype = next(self.model.parameters()).dtype
+        bytes_per_token = LatentCache.bytes_per_token(self.model.config, dtype)
+        num_blocks = cache_bytes // (block_size * bytes_per_token)
         self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype)
-        return {"bytes": self.cache.nbytes, "bytes_per_token": LatentCache.bytes_per_token(self.model.config, dtype)}
+        self.sequences = SequenceTable(self.model.config.vocab_size)
+        return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
-    async def step(self, sequences: list[dict]) -> list[dict | None]:
-        """One forward over several sequences' new tokens (prefill chunks and decode tokens together).
-        Each item: tokens, start (position of its first token), block_table, and `sample` (params,
-        output_tokens, choice) when the next token is wanted. Returns the sampled tokens."""
-        return await self._step(self._run_step, sequences)
+    async def step(self, request: StepRequest) -> list[Sampled | None]:
+        """Open and close sequences, then one forward over the chunks (prefill chunks and decode tokens
+        together). Returns per chunk the sampled next token, or None for a chunk inside its prompt."""
+        return await self._step(self._run_step, request)
 
-    def _run_step(self, sequences: list[dict]) -> list[dict | None]:
-        width = max(len(s["block_table"]) for s in sequences)
-        tables = torch.tensor([s["block_table"] + [0] * (width - len(s["block_table"])) for s in sequences])
-        batch = RaggedBatch(tables, [s["start"] for s in sequences], [len(s["tokens"]) for s in sequences])
-        input_ids = torch.tensor([t for s in sequences for t in s["tokens"]])[None]
+    def _run_step(self, request: StepRequest) -> list[Sampled | None]:
+        self.sequences.update(request.opened, request.closed)
+        if not request.chunks:
+            return []
+        input_ids, batch = self.sequences.batch(request.chunks)
         with torch.no_grad():
             logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
-        results: list[dict | None] = []
-        for row, seq in enumerate(sequences):
-            sample = seq.get("sample")
-            if sample is None:
-                results.append(None)
-                continue
-            params = SamplingParams.model_validate(sample["params"])
-            results.append(sample_one(logits[row], params, sample["output_tokens"], sample.get("choice", 0)).model_dump())
-        return results
+        return self.sequences.sample(request.chunks, logits)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
         return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))

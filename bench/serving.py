@@ -23,7 +23,8 @@ from cluster.graph import NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.sampling import SamplingParams
-from serving.engine import Engine, EngineConfig, GenerationRequest, Usage
+from engine import Engine, EngineConfig
+from engine.generation import GenerationRequest, Usage
 
 
 def percentile(values: list[float], q: float) -> float:

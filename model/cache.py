@@ -129,10 +129,6 @@ class LatentCache:
     def nbytes(self) -> int:
         return self.pools.numel() * self.pools.element_size()
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
     @classmethod
     def for_batch(
         cls, config: DeepseekV2Config, batch: int, max_tokens: int, block_size: int = 16, **kwargs

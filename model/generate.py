@@ -56,7 +56,7 @@ def generate(
     positions = torch.tensor(lengths, device=device)[:, None]
     for step in range(max_new_tokens):
         tokens = torch.tensor(
-            [sample_one(last_logits[b], params, outputs[b], choice=b).token for b in range(len(prompts))],
+            [sample_one(last_logits[b], params, None, len(outputs[b]), choice=b).token for b in range(len(prompts))],
             device=device,
         )
         for b in (~finished).nonzero().flatten().tolist():

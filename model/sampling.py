@@ -45,18 +45,18 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_one(
-    logits: Tensor, params: SamplingParams, output_tokens: list[int], choice: int = 0
+    logits: Tensor, params: SamplingParams, token_counts: Tensor | None, generated: int, choice: int = 0
 ) -> Sampled:
-    """logits [V] (fp32) of one sequence -> its next token."""
+    """logits [V] of one sequence -> its next token. token_counts [V]: how often each token was generated
+    so far (what the penalties need; None without penalties); generated: how many tokens that is."""
     logits = logits.float()
-    if (params.presence_penalty or params.frequency_penalty) and output_tokens:
-        counts = torch.bincount(torch.tensor(output_tokens, dtype=torch.long), minlength=logits.shape[-1]).float()
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    if (params.presence_penalty or params.frequency_penalty) and token_counts is not None:
+        logits = logits - params.frequency_penalty * token_counts - params.presence_penalty * (token_counts > 0).float()
     if params.temperature == 0:
         token = int(logits.argmax())
     else:
         filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-        generator = None if params.seed is None else _generator(params.seed, choice, len(output_tokens))
+        generator = None if params.seed is None else _generator(params.seed, choice, generated)
         token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
     if params.top_logprobs is None:
         return Sampled(token=token)
@@ -67,3 +67,20 @@ def sample_one(
         logprob=float(logprobs[token]),
         top_logprobs=[] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
     )
+
+
+class SequenceSampler:
+    """One sequence's sampling state, kept where its logits are: its parameters, how many tokens it has
+    generated and (with penalties) how often each one, updated as it samples."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, choice: int = 0):
+        self.params, self.choice, self.generated = params, choice, 0
+        penalized = params.presence_penalty or params.frequency_penalty
+        self.token_counts = torch.zeros(vocab_size) if penalized else None
+
+    def sample(self, logits: Tensor) -> Sampled:
+        sampled = sample_one(logits, self.params, self.token_counts, self.generated, self.choice)
+        self.generated += 1
+        if self.token_counts is not None:
+            self.token_counts[sampled.token] += 1
+        return sampled

@@ -5,8 +5,8 @@ Two deployments:
 - `EngineServer` (one replica): attaches to the actor graph named `name` (or creates it, detached, when
   none runs), holds the continuous-batching `Engine`, and streams token batches to the ingress. It
   measures TTFT / time per output token and publishes queue, cache and expert gauges.
-- `OpenAIServer` (autoscaled): the FastAPI ingress of `serving.openai_api`, which also answers Serve's
-  gRPC proxy (`serving.grpc_api`).
+- `OpenAIServer` (autoscaled): the FastAPI ingress `serving.openai_api.OpenAIIngress`, which also
+  answers Serve's gRPC proxy (`serving.grpc_api`).
 
 Health checks are cheap and never wait on a model step, so a busy replica is not restarted; a replica
 that is still loading weights is in its constructor, which Serve does not health-check.
@@ -18,15 +18,28 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
+from actors.transports import transport_names
+
+from engine.generation import (
+    CacheError,
+    EngineBatch,
+    EngineError,
+    EngineFailure,
+    GenerationRequest,
+    TokenEvent,
+    Usage,
+)
+from .keys import KeyRing
+from .model_info import ModelInfo, load_serving_tokenizer, resolve_model_dir
 from .openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIIngress
-from .protocol import APIError, KeyRing, ModelInfo, load_serving_tokenizer, resolve_model_dir
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,11 +58,11 @@ class AppArgs(BaseModel):
     routers: int = Field(1, ge=1)
     cpus_per_actor: float | None = Field(None, gt=0)
     cpu_threads_per_actor: int = Field(1, ge=1)
-    transport: Literal["objectstore", "compiled"] = "objectstore"
-    engine: dict = Field(default_factory=dict, description="serving.engine.EngineConfig fields")
+    transport: str = Field("objectstore", description="a registered transport (actors/transports)")
+    engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
     tokenizer: Literal["auto", "bundled", "none"] = "auto"
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not say")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not say (the engine's)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -60,6 +73,13 @@ class AppArgs(BaseModel):
     busy_streams: int = Field(8, ge=0, description="'under load' = more open streams than this")
     stats_interval_s: float = Field(5.0, gt=0)
 
+    @field_validator("transport")
+    @classmethod
+    def _registered_transport(cls, name: str) -> str:
+        if name not in transport_names():
+            raise ValueError(f"unknown transport {name!r}; one of {transport_names()}")
+        return name
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value):
@@ -67,47 +87,42 @@ class AppArgs(BaseModel):
 
 
 # ---- the engine replica -------------------------------------------------------------------------
+_END = object()
+
+
+@dataclass
+class _Timing:
+    started: float
+    first_at: float | None = None
+    last_at: float | None = None
+
+    def tokens_arrived(self) -> None:
+        self.last_at = time.monotonic()
+        self.first_at = self.first_at or self.last_at
+
+
 class EngineServerImpl:
     async def __init__(self, settings: dict):
-        from cluster.graph import ActorGraph
-        from cluster.spec import ClusterSpec
         from model import DeepseekV2Config
-        from serving.engine import Engine, EngineConfig
+        from engine import Engine, EngineConfig
 
         from .metrics import EngineMetrics
 
         args = AppArgs.model_validate(settings)
         model_dir = resolve_model_dir(args.model)
         config = DeepseekV2Config.from_pretrained(model_dir)
-        self.created_graph = False
-        try:
-            graph = ActorGraph.find(args.name)
-        except ValueError:
-            if not args.create_graph:
-                raise RuntimeError(f"no actor graph named {args.name!r} is running") from None
-            spec = ClusterSpec(
-                model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
-                cpus_per_actor=args.cpus_per_actor, cpu_threads_per_actor=args.cpu_threads_per_actor,
-                transport=args.transport, detached=True,
-            )
-            graph = ActorGraph.create(spec)
-            self.created_graph = True
-        if Path(graph.spec.model).resolve() != model_dir.resolve():
-            raise RuntimeError(f"the graph {args.name!r} serves {graph.spec.model}, not {model_dir}")
-        self.graph = graph
+        self.graph, self.created_graph = _attach_graph(args, model_dir)
         tokenizer = load_serving_tokenizer(model_dir, args.tokenizer, config.vocab_size)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
         eos_ids = {int(t) for t in eos if t is not None}
         if tokenizer is not None:
             eos_ids.add(tokenizer.eos_token_id)
+        engine_config = EngineConfig.model_validate({**args.engine, "default_max_tokens": args.default_max_tokens})
         detokenize = None if tokenizer is None else tokenizer.decode
-        self.engine = await Engine.create(graph, EngineConfig(**args.engine), detokenize, sorted(eos_ids))
-        max_len = getattr(self.engine, "max_model_len", None) or min(
-            args.engine.get("max_model_len") or config.max_position_embeddings, config.max_position_embeddings
-        )
+        self.engine = await Engine.create(self.graph, engine_config, detokenize, sorted(eos_ids))
         self.model_info = ModelInfo(
             name=args.served_model_name or model_dir.name,
-            max_model_len=max_len,
+            max_model_len=self.engine.max_model_len,
             vocab_size=config.vocab_size,
             created=int(time.time()),
             eos_token_ids=sorted(eos_ids),
@@ -119,10 +134,10 @@ class EngineServerImpl:
         self._stats_interval = args.stats_interval_s
         self._stats_task = asyncio.create_task(self._publish_stats())
         logger.info("moeray engine ready: %s on graph %r (%d expert actors)", self.model_info.name, args.name,
-                    graph.spec.expert_actors)
+                    self.graph.spec.expert_actors)
 
-    async def info(self) -> dict:
-        return self.model_info.model_dump()
+    async def info(self) -> ModelInfo:
+        return self.model_info
 
     async def stats(self) -> dict:
         stats = await self.engine.stats()
@@ -133,91 +148,82 @@ class EngineServerImpl:
         if not self.engine.healthy:
             raise RuntimeError("the engine loop stopped")
 
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Batches of {"events": [TokenEvent dicts], "usage": dict | None} (usage only in the last one),
-        or one {"error": {...}} instead of the first batch when the request is refused."""
-        from serving.engine import EngineError, GenerationRequest, TokenEvent, Usage
-
-        try:
-            spec = GenerationRequest.model_validate(request)
-        except ValidationError as error:
-            yield {"error": APIError(400, str(error.errors(include_url=False)[0]["msg"])).to_dict()}
-            return
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineBatch]:
+        """Batches of token events, the usage in the last one. A refused request raises its engine (or
+        cache) exception instead of the first batch; the ingress maps it to HTTP."""
         queue: asyncio.Queue = asyncio.Queue()
-        end = object()
-
-        async def pump() -> None:
-            try:
-                async for item in self.engine.generate(spec):
-                    queue.put_nowait(item)
-            except EngineError as error:
-                queue.put_nowait(_engine_error(error))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # never a client's fault
-                logger.exception("engine generate failed")
-                queue.put_nowait(APIError(500, f"internal error: {error}", "server_error"))
-            queue.put_nowait(end)
-
-        started = time.monotonic()
-        first_at = last_at = None
-        completion_tokens = 0
+        pump = asyncio.create_task(self._pump(request, queue))
+        timing = _Timing(time.monotonic())
         outcome = "cancelled"
-        task = asyncio.create_task(pump())
         self.open_streams += 1
         try:
             while True:
-                items = [await queue.get()]
-                if self.open_streams > self.busy_streams and self.coalesce_s:
-                    await asyncio.sleep(self.coalesce_s)  # under load: a few tokens per chunk
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                events, usage, error, finished = [], None, None, False
-                for item in items:
-                    if isinstance(item, TokenEvent):
-                        events.append(item.model_dump())
-                    elif isinstance(item, Usage):
-                        usage = item.model_dump()
-                    elif isinstance(item, APIError):
-                        error = item
-                    elif item is end:
-                        finished = True
-                if events:
-                    last_at = time.monotonic()
-                    first_at = first_at or last_at
-                    completion_tokens += len(events)
-                if events or usage is not None:
-                    yield {"events": events, "usage": usage}
+                batch, error, ended = await self._next_batch(queue)
+                if batch.events:
+                    timing.tokens_arrived()
+                if batch.events or batch.usage is not None:
+                    yield batch
                 if error is not None:
-                    outcome = "error" if error.status >= 500 else "refused"
-                    yield {"error": error.to_dict()}
-                    return
-                if usage is not None:
+                    outcome = "error" if isinstance(error, EngineFailure) else "refused"
+                    raise error
+                if batch.usage is not None:
                     outcome = "ok"
-                    self._record(spec, usage, started, first_at, last_at)
+                    self._record(request, batch.usage, timing)
                     return
-                if finished:
+                if ended:
                     outcome = "error"
-                    yield {"error": APIError(500, "the engine ended without usage", "server_error").to_dict()}
-                    return
+                    raise EngineFailure("the engine ended without usage")
         finally:
             self.open_streams -= 1
             self.metrics.finished.inc(1, {"outcome": outcome})
-            if not task.done():
-                task.cancel()
+            if not pump.done():
+                pump.cancel()
 
-    def _record(self, spec, usage: dict, started: float, first_at, last_at) -> None:
+    async def _pump(self, request: GenerationRequest, queue: asyncio.Queue) -> None:
+        try:
+            async for item in self.engine.generate(request):
+                queue.put_nowait(item)
+        except (EngineError, CacheError) as error:
+            queue.put_nowait(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # never a client's fault
+            logger.exception("engine generate failed")
+            queue.put_nowait(EngineFailure(f"internal error: {error}"))
+        queue.put_nowait(_END)
+
+    async def _next_batch(self, queue: asyncio.Queue) -> tuple[EngineBatch, Exception | None, bool]:
+        """Everything queued, once there is something: events, usage, an error, the end. Under load it
+        waits a little longer first, so a streamed chunk carries a few tokens."""
+        items = [await queue.get()]
+        if self.open_streams > self.busy_streams and self.coalesce_s:
+            await asyncio.sleep(self.coalesce_s)
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        batch, error, ended = EngineBatch(), None, False
+        for item in items:
+            if isinstance(item, TokenEvent):
+                batch.events.append(item)
+            elif isinstance(item, Usage):
+                batch.usage = item
+            elif isinstance(item, Exception):
+                error = item
+            elif item is _END:
+                ended = True
+        return batch, error, ended
+
+    def _record(self, request: GenerationRequest, usage: Usage, timing: _Timing) -> None:
         m = self.metrics
         try:
-            for counter, value in ((m.prompt_tokens, usage["prompt_tokens"]), (m.cached_tokens, usage["cached_tokens"]),
-                                   (m.completion_tokens, usage["completion_tokens"])):
+            for counter, value in ((m.prompt_tokens, usage.prompt_tokens), (m.cached_tokens, usage.cached_tokens),
+                                   (m.completion_tokens, usage.completion_tokens)):
                 if value > 0:  # ray counters refuse 0
                     counter.inc(value)
-            if first_at is not None:
-                m.ttft.observe(first_at - started)
-                per_choice = usage["completion_tokens"] / max(1, spec.n)
+            if timing.first_at is not None:
+                m.ttft.observe(timing.first_at - timing.started)
+                per_choice = usage.completion_tokens / max(1, request.n)
                 if per_choice > 1:
-                    m.tpot.observe((last_at - first_at) / (per_choice - 1))
+                    m.tpot.observe((timing.last_at - timing.first_at) / (per_choice - 1))
         except Exception as error:  # metrics never fail a request
             logger.warning("moeray: could not record metrics: %r", error)
 
@@ -234,12 +240,26 @@ class EngineServerImpl:
         await self.engine.shutdown()
 
 
-def _engine_error(error: Exception) -> APIError:
-    status = getattr(error, "status", 400)
-    kind = getattr(error, "type", "invalid_request_error")
-    message = str(error) or type(error).__name__
-    param = "messages" if getattr(error, "code", None) == "context_length_exceeded" else None
-    return APIError(status, message, kind, param, getattr(error, "code", None))
+def _attach_graph(args: AppArgs, model_dir: Path):
+    """The running actor graph named args.name, or (args.create_graph) a new detached one; and whether
+    it was created here."""
+    from cluster.graph import ActorGraph
+    from cluster.spec import ClusterSpec
+
+    try:
+        graph, created = ActorGraph.find(args.name), False
+    except ValueError:
+        if not args.create_graph:
+            raise RuntimeError(f"no actor graph named {args.name!r} is running") from None
+        spec = ClusterSpec(
+            model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
+            cpus_per_actor=args.cpus_per_actor, cpu_threads_per_actor=args.cpu_threads_per_actor,
+            transport=args.transport, detached=True,
+        )
+        graph, created = ActorGraph.create(spec), True
+    if Path(graph.spec.model).resolve() != model_dir.resolve():
+        raise RuntimeError(f"the graph {args.name!r} serves {graph.spec.model}, not {model_dir}")
+    return graph, created
 
 
 # ---- the deployments and the builder ------------------------------------------------------------
@@ -277,7 +297,6 @@ def build(args: dict | AppArgs) -> Application:
     ingress_settings = {
         "model_dir": str(model_dir),
         "tokenizer": args.tokenizer,
-        "default_max_tokens": args.default_max_tokens,
         "max_body_bytes": args.max_body_bytes,
         "api_key_digests": sorted(KeyRing(args.api_keys).digests),
     }

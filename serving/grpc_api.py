@@ -18,16 +18,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from . import moeray_pb2 as pb
-from .protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    EngineStream,
-    KeyRing,
-    new_id,
-    parse_request,
-    session_from,
-)
+from .engine_client import EngineStream
+from .errors import APIError
+from .frontend import CHAT_PARAMS, COMPLETION_PARAMS, new_id
+from engine.generation import GenerationRequest
+from .keys import KeyRing
+from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from .sessions import session_from
 
 SERVICER_FUNCTION = "serving.moeray_pb2_grpc.add_MoerayServicer_to_server"
 
@@ -80,38 +77,38 @@ class MoerayGrpcServicer:
         try:
             metadata = self._grpc_metadata(grpc_context)
             owner = self.keys.check(KeyRing.key_from_headers(metadata))
-            request_id, generation = self._grpc_generation(request, owner, metadata.get("x-session-id"))
-            stream = await EngineStream.open(self.engine, generation)
+            request_id, generation, params = self._grpc_generation(request, owner, metadata.get("x-session-id"))
+            stream = await EngineStream.open(self.engine, generation, params)
         except APIError as error:
             raise self._grpc_fail(grpc_context, method, error) from None
         try:
             async for batch in stream:
                 tokens = [
                     pb.Token(
-                        choice=e["choice"],
-                        token_id=e["token_id"],
-                        text=e["text"],
-                        logprob=e["logprob"],
+                        choice=e.choice,
+                        token_id=e.token_id,
+                        text=e.text,
+                        logprob=e.logprob,
                         top_logprobs=[
                             pb.TopLogprob(token_id=t, token=self.frontend.token_string(t), logprob=lp)
-                            for t, lp in e["top_logprobs"]
+                            for t, lp in e.top_logprobs
                         ],
-                        finish_reason=e["finish_reason"] or "",
+                        finish_reason=e.finish_reason or "",
                     )
-                    for e in batch["events"]
+                    for e in batch.events
                 ]
-                usage = batch.get("usage")
                 yield pb.GenerateResponse(
                     id=request_id,
                     model=self.info.name,
                     tokens=tokens,
-                    usage=None if usage is None else pb.Usage(**usage),
+                    usage=None if batch.usage is None else pb.Usage(**batch.usage.model_dump()),
                 )
         except APIError as error:
             raise self._grpc_fail(grpc_context, method, error) from None
         self.metrics.request(method, 200)
 
-    def _grpc_generation(self, request: pb.GenerateRequest, owner: str, header_session: str | None) -> tuple[str, dict]:
+    def _grpc_generation(self, request: pb.GenerateRequest, owner: str,
+                         header_session: str | None) -> tuple[str, GenerationRequest, dict[str, str]]:
         given = [bool(request.prompt), len(request.prompt_ids) > 0, len(request.messages) > 0]
         if sum(given) != 1:
             raise APIError(400, "Set exactly one of prompt, prompt_ids and messages.", param="prompt")
@@ -137,13 +134,13 @@ class MoerayGrpcServicer:
             body = parse_request(ChatCompletionRequest, {**fields, "logprobs": logprobs is not None})
             frontend.check_model(body.model)
             prompt = frontend.chat_prompt(body)
-            request_id = new_id("chatcmpl")
+            request_id, params = new_id("chatcmpl"), CHAT_PARAMS
         else:
             fields["prompt"] = request.prompt or list(request.prompt_ids)
             body = parse_request(CompletionRequest, fields)
             frontend.check_model(body.model)
             prompt = frontend.completion_prompt(body)
-            request_id = new_id("cmpl")
+            request_id, params = new_id("cmpl"), COMPLETION_PARAMS
         session = session_from(body.session_id, header_session)
-        max_tokens = frontend.max_tokens(body.max_tokens, len(prompt))
-        return request_id, frontend.generation_request(body, prompt, max_tokens, logprobs, owner, session, request_id)
+        generation = frontend.generation_request(body, prompt, body.max_tokens, logprobs, owner, session, request_id)
+        return request_id, generation, params

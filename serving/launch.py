@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,28 +69,57 @@ def start(
 ) -> Running:
     """Join RAY_ADDRESS (or start an embedded cluster), attach to or create the graph `name`, start
     Serve's HTTP and gRPC proxies and run the application. The graph is created while Serve starts."""
-    import ray
     from ray import serve
-
-    from cluster.graph import NAMESPACE, ActorGraph
-    from cluster.spec import ClusterSpec
 
     from .app import build
     from .grpc_api import SERVICER_FUNCTION
 
+    started_ray = _init_ray(ray_init, quiet)
+    model_dir = model_dir.resolve()
+    graph_ready = _attach_graph_in_background(model_dir, name, expert_actors, routers, cpus_per_actor)
+    serve.start(
+        http_options={"host": host, "port": port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+    )
+    graph, created = graph_ready()
+    if Path(graph.spec.model).resolve() != model_dir:
+        raise RuntimeError(f"a graph named {name!r} already serves {graph.spec.model}; pick another --name")
+    args = {"model": str(model_dir), "name": name, "api_keys": list(api_keys), "engine": engine or {},
+            "expert_actors": expert_actors, "routers": routers}
+    if served_model_name:
+        args["served_model_name"] = served_model_name
+    try:
+        serve.run(build(args), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        if created:
+            graph.teardown()
+        raise
+    model = served_model_name or model_dir.name
+    return Running(graph, created, started_ray, host, port, grpc_port, model, api_keys[0] if api_keys else None)
+
+
+def _init_ray(ray_init: dict | None, quiet: bool) -> bool:
+    """Connect to Ray unless connected; True when this process started the cluster (embedded) rather
+    than joining one (RAY_ADDRESS, `ray start`)."""
+    from cluster.graph import ensure_ray
+
     if quiet:
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    started_ray = False
-    if not ray.is_initialized():
-        options = {"namespace": NAMESPACE, **(ray_init or {})}
-        if quiet:
-            options.setdefault("log_to_driver", False)
-            options.setdefault("logging_level", logging.WARNING)
-        ray.init(**options)
-        # Did this process start the cluster (embedded), or join one (RAY_ADDRESS, `ray start`)?
-        started_ray = bool(getattr(getattr(ray._private.worker, "_global_node", None), "head", False))
-    model_dir = model_dir.resolve()
+    options = dict(ray_init or {})
+    if quiet:
+        options.setdefault("log_to_driver", False)
+        options.setdefault("logging_level", logging.WARNING)
+    return ensure_ray(**options)
+
+
+def _attach_graph_in_background(model_dir: Path, name: str, expert_actors: int, routers: int,
+                                cpus_per_actor: float | None) -> Callable[[], tuple[object, bool]]:
+    """Find the graph `name` or create it (detached) on a thread; returns the function that waits for
+    it: (graph, created here), or raises what went wrong."""
+    from cluster.graph import ActorGraph
+    from cluster.spec import ClusterSpec
+
     result: dict = {}
 
     def make_graph() -> None:
@@ -100,34 +130,19 @@ def start(
                 spec = ClusterSpec(model=str(model_dir), name=name, expert_actors=expert_actors, routers=routers,
                                    cpus_per_actor=cpus_per_actor, detached=True)
                 result["graph"], result["created"] = ActorGraph.create(spec), True
-        except BaseException as error:  # reported on the main thread
+        except BaseException as error:  # reported on the caller's thread
             result["error"] = error
 
     builder = threading.Thread(target=make_graph, name="moeray-graph", daemon=True)
     builder.start()
-    serve.start(
-        http_options={"host": host, "port": port},
-        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
-    )
-    builder.join()
-    if "error" in result:
-        raise result["error"]
-    graph = result["graph"]
-    if Path(graph.spec.model).resolve() != model_dir:
-        raise RuntimeError(f"a graph named {name!r} already serves {graph.spec.model}; pick another --name")
-    args = {"model": str(model_dir), "name": name, "api_keys": list(api_keys), "engine": engine or {},
-            "expert_actors": expert_actors, "routers": routers}
-    if served_model_name:
-        args["served_model_name"] = served_model_name
-    try:
-        serve.run(build(args), name=APP_NAME, route_prefix="/", blocking=False)
-    except BaseException:
-        if result["created"]:
-            graph.teardown()
-        raise
-    model = served_model_name or model_dir.name
-    return Running(graph, result["created"], started_ray, host, port, grpc_port, model,
-                   api_keys[0] if api_keys else None)
+
+    def wait() -> tuple[object, bool]:
+        builder.join()
+        if "error" in result:
+            raise result["error"]
+        return result["graph"], result["created"]
+
+    return wait
 
 
 def stop(running: Running) -> None:
@@ -149,7 +164,7 @@ def stop(running: Running) -> None:
 # ---- moeray serve -------------------------------------------------------------------------------
 def serve_forever(model_dir: Path, expert_actors: int, routers: int, host: str, port: int, grpc_port: int,
                   api_keys: list[str], name: str, served_model_name: str | None) -> None:
-    from .protocol import API_KEYS_ENV
+    from .keys import API_KEYS_ENV
 
     generated = None
     if not api_keys and not os.environ.get(API_KEYS_ENV):

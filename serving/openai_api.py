@@ -20,20 +20,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .engine_client import EngineStream
+from .errors import APIError
+from .frontend import CHAT_PARAMS, COMPLETION_PARAMS, Frontend, new_id
+from engine.generation import TokenEvent, Usage
 from .grpc_api import MoerayGrpcServicer
-from .protocol import (
-    APIError,
-    EngineStream,
-    ChatCompletionRequest,
-    CompletionRequest,
-    Frontend,
-    KeyRing,
-    ModelInfo,
-    load_serving_tokenizer,
-    new_id,
-    parse_request,
-    session_from,
-)
+from .keys import KeyRing
+from .model_info import load_serving_tokenizer
+from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from .sessions import session_from
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,12 +64,12 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     return error_response(APIError(500, "The server had an error processing the request.", "server_error"))
 
 
-def usage_body(usage: dict) -> dict:
+def usage_body(usage: Usage) -> dict:
     return {
-        "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"],
-        "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-        "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
@@ -82,16 +77,16 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-class OpenAIServer(MoerayGrpcServicer):
-    """One ingress replica (autoscaled). Built by `serving.app.build`."""
+class OpenAIServerImpl(MoerayGrpcServicer):
+    """One ingress replica (autoscaled): the `OpenAIServer` deployment of `serving.app.build`."""
 
     async def __init__(self, engine, settings: dict):
         from .metrics import IngressMetrics
 
         self.engine = engine
-        self.info = ModelInfo.model_validate(await engine.info.remote())
+        self.info = await engine.info.remote()
         tokenizer = load_serving_tokenizer(settings["model_dir"], settings.get("tokenizer", "auto"), self.info.vocab_size)
-        self.frontend = Frontend(self.info, tokenizer, settings.get("default_max_tokens", 256))
+        self.frontend = Frontend(self.info, tokenizer)
         self.keys = KeyRing(digests=settings.get("api_key_digests") or [])
         self.max_body_bytes = settings.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
         self.metrics = IngressMetrics(self.info.name)
@@ -200,10 +195,10 @@ class OpenAIServer(MoerayGrpcServicer):
             raise APIError(400, "best_of must equal n (no server-side ranking).", param="best_of")
         session = session_from(body.session_id, request.headers.get("x-session-id"))
         prompt = self.frontend.completion_prompt(body)
-        max_tokens = self.frontend.max_tokens(body.max_tokens, len(prompt))
         request_id = new_id("cmpl")
-        generation = self.frontend.generation_request(body, prompt, max_tokens, body.logprobs, owner, session, request_id)
-        stream = await EngineStream.open(self.engine, generation)
+        generation = self.frontend.generation_request(body, prompt, body.max_tokens, body.logprobs, owner, session,
+                                                      request_id)
+        stream = await EngineStream.open(self.engine, generation, COMPLETION_PARAMS)
         created = int(time.time())
         headers = {"X-Session-Id": session} if session else None
         if body.stream:
@@ -231,15 +226,15 @@ class OpenAIServer(MoerayGrpcServicer):
             result["session_id"] = session
         return JSONResponse(result, headers=headers)
 
-    def _completion_logprobs(self, events: list[dict], offset: int) -> dict:
+    def _completion_logprobs(self, events: list[TokenEvent], offset: int) -> dict:
         tokens, token_logprobs, top, offsets = [], [], [], []
         for event in events:
-            token = self.frontend.token_string(event["token_id"])
+            token = self.frontend.token_string(event.token_id)
             tokens.append(token)
-            token_logprobs.append(event["logprob"])
-            top.append({self.frontend.token_string(t): lp for t, lp in event["top_logprobs"]})
+            token_logprobs.append(event.logprob)
+            top.append({self.frontend.token_string(t): lp for t, lp in event.top_logprobs})
             offsets.append(offset)
-            offset += len(event["text"])
+            offset += len(event.text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
     async def _completion_chunks(self, stream: EngineStream, request_id: str, created: int,
@@ -249,18 +244,17 @@ class OpenAIServer(MoerayGrpcServicer):
         try:
             async for batch in stream:
                 out = []
-                for index, events in _by_choice(batch["events"]).items():
-                    text = "".join(e["text"] for e in events)
+                for index, events in _by_choice(batch.events).items():
+                    text = "".join(e.text for e in events)
                     logprobs = None
                     if body.logprobs is not None:
                         logprobs = self._completion_logprobs(events, offsets[index])
                     offsets[index] += len(text)
                     choice = {"index": index, "text": text, "logprobs": logprobs,
-                              "finish_reason": events[-1]["finish_reason"]}
+                              "finish_reason": events[-1].finish_reason}
                     out.append(sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})}))
-                usage = batch.get("usage")
-                if usage is not None and include_usage:
-                    out.append(sse({**base, "choices": [], "usage": usage_body(usage)}))
+                if batch.usage is not None and include_usage:
+                    out.append(sse({**base, "choices": [], "usage": usage_body(batch.usage)}))
                 if out:
                     yield "".join(out)
         except APIError as error:
@@ -285,14 +279,14 @@ class OpenAIServer(MoerayGrpcServicer):
                 raise APIError(400, "max_tokens and max_completion_tokens disagree.", param="max_completion_tokens")
         session = session_from(body.session_id, request.headers.get("x-session-id"))
         prompt = self.frontend.chat_prompt(body)
+        params = CHAT_PARAMS
+        max_tokens = body.max_tokens
         if body.max_completion_tokens is not None:
-            max_tokens = self.frontend.max_tokens(body.max_completion_tokens, len(prompt), "max_completion_tokens")
-        else:
-            max_tokens = self.frontend.max_tokens(body.max_tokens, len(prompt))
+            params, max_tokens = {**CHAT_PARAMS, "max_tokens": "max_completion_tokens"}, body.max_completion_tokens
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request_id = new_id("chatcmpl")
         generation = self.frontend.generation_request(body, prompt, max_tokens, top_logprobs, owner, session, request_id)
-        stream = await EngineStream.open(self.engine, generation)
+        stream = await EngineStream.open(self.engine, generation, params)
         created = int(time.time())
         headers = {"X-Session-Id": session} if session else None
         if body.stream:
@@ -320,13 +314,13 @@ class OpenAIServer(MoerayGrpcServicer):
             result["session_id"] = session
         return JSONResponse(result, headers=headers)
 
-    def _chat_logprobs(self, events: list[dict]) -> list[dict]:
+    def _chat_logprobs(self, events: list[TokenEvent]) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
             token = self.frontend.token_string(token_id)
             return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
         return [
-            {**entry(e["token_id"], e["logprob"]), "top_logprobs": [entry(t, lp) for t, lp in e["top_logprobs"]]}
+            {**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
             for e in events
         ]
 
@@ -342,18 +336,17 @@ class OpenAIServer(MoerayGrpcServicer):
             )
             async for batch in stream:
                 out = []
-                for index, events in _by_choice(batch["events"]).items():
-                    text = "".join(e["text"] for e in events)
+                for index, events in _by_choice(batch.events).items():
+                    text = "".join(e.text for e in events)
                     choice = {
                         "index": index,
                         "delta": {"content": text} if text else {},
                         "logprobs": {"content": self._chat_logprobs(events)} if body.logprobs else None,
-                        "finish_reason": events[-1]["finish_reason"],
+                        "finish_reason": events[-1].finish_reason,
                     }
                     out.append(sse({**base, "choices": [choice], **extra}))
-                usage = batch.get("usage")
-                if usage is not None and include_usage:
-                    out.append(sse({**base, "choices": [], "usage": usage_body(usage)}))
+                if batch.usage is not None and include_usage:
+                    out.append(sse({**base, "choices": [], "usage": usage_body(batch.usage)}))
                 if out:
                     yield "".join(out)
         except APIError as error:
@@ -361,28 +354,27 @@ class OpenAIServer(MoerayGrpcServicer):
         yield sse("[DONE]")
 
 
-def _by_choice(events: list[dict]) -> dict[int, list[dict]]:
-    grouped: dict[int, list[dict]] = {}
+def _by_choice(events: list[TokenEvent]) -> dict[int, list[TokenEvent]]:
+    grouped: dict[int, list[TokenEvent]] = {}
     for event in events:
-        grouped.setdefault(event["choice"], []).append(event)
+        grouped.setdefault(event.choice, []).append(event)
     return grouped
-
 
 
 # Applied here, at import, so that every process that imports this module (the replicas do) sees the
 # class-based routes with `self` injected.
-OpenAIIngress = serve.ingress(app)(OpenAIServer)
+OpenAIIngress = serve.ingress(app)(OpenAIServerImpl)
 
 
-async def _collect(stream, n: int) -> tuple[dict[int, dict], dict | None]:
+async def _collect(stream: EngineStream, n: int) -> tuple[dict[int, dict], Usage | None]:
     """A whole (non-streamed) answer: per choice its text pieces, events and finish reason; the usage."""
     choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n)}
     usage = None
     async for batch in stream:
-        for event in batch["events"]:
-            choice = choices[event["choice"]]
-            choice["text"].append(event["text"])
+        for event in batch.events:
+            choice = choices[event.choice]
+            choice["text"].append(event.text)
             choice["events"].append(event)
-            choice["finish_reason"] = event["finish_reason"] or choice["finish_reason"]
-        usage = batch.get("usage") or usage
+            choice["finish_reason"] = event.finish_reason or choice["finish_reason"]
+        usage = batch.usage or usage
     return choices, usage

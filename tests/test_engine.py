@@ -8,7 +8,8 @@ from cluster.graph import ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2ForCausalLM, LatentCache
 from model.sampling import SamplingParams
-from serving.engine import Engine, EngineConfig, GenerationRequest, PromptTooLong, SessionNotFound, Usage
+from engine import Engine, EngineConfig
+from engine.generation import GenerationRequest, PromptTooLong, SessionNotFound, Usage
 
 from .reference import CONFIG_B
 
@@ -177,30 +178,40 @@ def test_sessions_belong_to_their_owner_and_bad_requests_fail_clearly(graph):
     assert cache["running_sequences"] == 0
 
 
-def test_two_routers_keep_session_affinity_and_move_sessions(ray_cluster, tiny_checkpoints, reference):
+def test_two_routers_keep_session_affinity_and_move_a_session_whose_router_is_full(
+    ray_cluster, tiny_checkpoints, reference
+):
     graph = ActorGraph.create(
         ClusterSpec(model=str(tiny_checkpoints["B"]), name="engine-2r", routers=2, expert_actors=2, cpus_per_actor=0.4)
     )
+    pool_blocks = 24
 
     async def body(engine):
         histories = {s: [s + 1, 9, 2, 6, 5, 3, 5] for s in range(4)}
-        homes = {}
         for turn in range(3):
             for s, history in histories.items():
                 tokens, usage = await complete(engine, f"{s}-{turn}", history, 3, sampling=GREEDY, owner="k", session_id=f"s{s}")
                 assert tokens[0] == reference(history, 3)
-                home = await engine.manager.session_router.remote("k", f"s{s}")
-                assert homes.setdefault(s, home) == home  # every turn lands where the session's blocks are
+                # Every turn lands where the session's blocks are (no two sessions share a prefix block).
+                assert usage.cached_tokens == (len(history) - 3 if turn else 0)
                 histories[s] = history + tokens[0] + [4, 4]
-        assert set(homes.values()) == {0, 1}  # sessions spread over both routers
-        await engine.manager.move_session.remote("k", "s0", 1 - homes[0])
-        tokens, usage = await complete(engine, "moved", histories[0], 3, sampling=GREEDY, owner="k", session_id="s0")
-        assert await engine.manager.session_router.remote("k", "s0") == 1 - homes[0]
-        return tokens[0], usage, histories[0]
+        cache = (await engine.stats())["cache"]
+        assert [r["sessions"] for r in cache["routers"]] == [2, 2]  # sessions spread over both routers
+        assert cache["session_moves"] == 0
+        # s2 (router 0, its most recent session) continues while a long request that shares its prefix
+        # holds every other block of router 0 (s0 is offloaded to make room for it): s2 moves to router 1.
+        long_prompt = histories[2] + [7]
+        long_max_tokens = BLOCK * (pool_blocks - 1) - len(long_prompt)  # every block of router 0 but s2's last
+        long = complete(engine, "long", long_prompt, long_max_tokens, sampling=GREEDY)
+        moved = complete(engine, "moved", histories[2], 3, sampling=GREEDY, owner="k", session_id="s2")
+        (long_tokens, _), (tokens, usage) = await asyncio.gather(long, moved)
+        assert len(long_tokens[0]) == long_max_tokens
+        return tokens[0], usage, histories[2], (await engine.stats())["cache"]
 
     try:
-        tokens, usage, history = run(graph, body)
+        tokens, usage, history, cache = run(graph, body, cache_bytes_per_router=pool_blocks * BLOCK * LatentCache.bytes_per_token(CONFIG_B))
     finally:
         graph.teardown()
+    assert cache["session_moves"] == 1 and [r["sessions"] for r in cache["routers"]] == [1, 3]
     assert tokens == reference(history, 3)
     assert usage.cached_tokens == len(history) - 3  # the shipped blocks were used, not recomputed

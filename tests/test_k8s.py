@@ -193,7 +193,7 @@ def serve_config_errors(rayservice: dict) -> list[str]:
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, AppArgs
-    from serving.engine import EngineConfig
+    from engine import EngineConfig
 
     if not rayservice["spec"].get("serveConfigV2"):
         return ["the RayService has no serveConfigV2"]

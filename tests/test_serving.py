@@ -369,16 +369,20 @@ def test_openai_client_raises_typed_errors(server):
 
 # ---- what needs no server -----------------------------------------------------------------------
 def test_engine_errors_map_to_http_statuses():
-    from serving.app import _engine_error
-    from serving.engine import EngineError, EngineFailure, Overloaded, PromptTooLong, SessionNotFound
+    from serving.errors import api_error
+    from serving.frontend import CHAT_PARAMS
+    from engine.generation import EngineError, EngineFailure, Overloaded, PromptTooLong, SessionNotFound
 
-    assert _engine_error(Overloaded("busy")).status == 429
-    assert _engine_error(SessionNotFound("no")).status == 404
-    too_long = _engine_error(PromptTooLong("long"))
+    assert api_error(Overloaded("busy")).status == 429
+    assert api_error(SessionNotFound("no")).status == 404
+    too_long = api_error(PromptTooLong("long"))
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
-    assert _engine_error(EngineError("bad")).status == 400
-    failure = _engine_error(EngineFailure("internal error: boom"))
+    assert api_error(EngineError("bad")).status == 400
+    failure = api_error(EngineFailure("internal error: boom"))
     assert (failure.status, failure.type) == (500, "server_error")
+    assert api_error(PromptTooLong("long", "max_tokens"), CHAT_PARAMS).param == "max_tokens"
+    assert api_error(PromptTooLong("long"), CHAT_PARAMS).param == "messages"
+    assert api_error(RuntimeError("not the engine's")) is None
 
 
 def test_serve_config_yaml_is_valid():
@@ -406,7 +410,9 @@ def test_generated_grpc_code_is_up_to_date(tmp_path):
 
 def test_chat_template_comes_from_tokenizer_config(tmp_path):
     from model.tokenizer import ChatTokenizer
-    from serving.protocol import ChatCompletionRequest, Frontend, ModelInfo, load_serving_tokenizer
+    from serving.frontend import Frontend
+    from serving.model_info import ModelInfo, load_serving_tokenizer
+    from serving.schemas import ChatCompletionRequest
 
     template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
     ChatTokenizer(ChatTokenizer.bundled().tokenizer, chat_template=template).save_pretrained(tmp_path)
@@ -417,3 +423,32 @@ def test_chat_template_comes_from_tokenizer_config(tmp_path):
     )
     assert tokenizer.decode(frontend.chat_prompt(request)) == "[system]be brief[user]hi=>"
     assert load_serving_tokenizer(tmp_path, "none", 128) is None
+
+
+def test_text_is_detokenized_incrementally_and_held_back_before_a_stop_string():
+    from model.tokenizer import ChatTokenizer
+    from engine.detokenize import ChoiceText
+
+    def stream(decode, tokens: list[int], stops: list[str]) -> tuple[list[str], bool]:
+        text, pieces = ChoiceText(decode, stops), []
+        for token in tokens:
+            piece, stopped = text.add(token)
+            pieces.append(piece)
+            if stopped:
+                return pieces, True
+        return pieces + [text.finish()], False
+
+    tokenizer = ChatTokenizer.bundled()
+    ids = tokenizer.encode("hello world, hello moon")
+    pieces, stopped = stream(tokenizer.decode, ids, [])
+    assert "".join(pieces) == tokenizer.decode(ids) and not stopped
+    pieces, stopped = stream(tokenizer.decode, ids, ["lo w", "xyz"])  # spans four tokens
+    assert stopped and "".join(pieces) == "hel"
+    assert pieces == ["h", "e", "", "l", "", "", ""]  # each "l" waits: it might begin "lo w"
+    pieces, stopped = stream(tokenizer.decode, ids, ["lo m"])  # "lo w" looked like it, then did not
+    assert stopped and "".join(pieces) == "hello world, hel"
+
+    utf8 = list("née ✓".encode())  # byte tokens: é and ✓ take 2 and 3
+    pieces, _ = stream(lambda t: bytes(t).decode("utf-8", errors="replace"), utf8, [])
+    assert "".join(pieces) == "née ✓" and "\ufffd" not in "".join(pieces)
+    assert pieces[1:3] == ["", "é"]  # the first byte of é waits for the second

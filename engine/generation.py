@@ -1,0 +1,80 @@
+"""The engine's interface: what a generation request is, what comes back, and what can go wrong.
+
+These cross the Serve handle between the ingress and the engine replica as they are (pydantic models
+and exceptions). The exceptions know nothing of HTTP: the serving ingress maps them to status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from actors.block_manager import CacheError, CacheTooSmall, SessionNotFound
+from model.sampling import SamplingParams
+
+__all__ = [
+    "GenerationRequest", "TokenEvent", "Usage", "EngineBatch", "EngineError", "Overloaded", "PromptTooLong",
+    "EngineFailure", "CacheError", "SessionNotFound", "CacheTooSmall", "remote_cause",
+]
+
+
+class GenerationRequest(BaseModel):
+    request_id: str
+    prompt_ids: list[int] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="None = the engine's default, within the context")
+    n: int = Field(1, ge=1, le=16)
+    sampling: SamplingParams = SamplingParams()
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    owner: str = ""
+    session_id: str | None = None
+
+
+class TokenEvent(BaseModel):
+    choice: int
+    token_id: int
+    text: str = ""  # the text this event adds ("" without a detokenizer, or while it may begin a stop string)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = []
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class EngineBatch(BaseModel):
+    """What the engine replica streams: the events since the last batch; the usage in the last one."""
+
+    events: list[TokenEvent] = []
+    usage: Usage | None = None
+
+
+class EngineError(Exception):
+    """The request cannot be served as it is."""
+
+
+class Overloaded(EngineError):
+    """Too many requests are waiting, or the cache is full with nothing running; try again later."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt, or the prompt with max_tokens, does not fit this model's context. `field` names the
+    part of the GenerationRequest to blame: "prompt_ids" or "max_tokens"."""
+
+    def __init__(self, message: str, field: Literal["prompt_ids", "max_tokens"] = "prompt_ids"):
+        super().__init__(message)
+        self.field = field
+
+
+class EngineFailure(EngineError):
+    """A step failed on the server side: never the client's fault."""
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The exception as its actor raised it: Ray delivers it wrapped in a RayTaskError that is also an
+    instance of the original class, with the remote traceback in its message."""
+    return getattr(error, "cause", None) or error
