@@ -159,6 +159,7 @@ class _Sequence:
     router: int
     blocks: list[int]
     session: tuple[str, str] | None
+    generation: int  # the weights it was computed with (see drop_prefixes): only current ones are cached
 
 
 @dataclass
@@ -207,6 +208,7 @@ class BlockManager:
         self.offloads = 0
         self.restores = 0
         self.moves = 0
+        self.generation = 0  # bumped by drop_prefixes
 
     # ---- admission ------------------------------------------------------------------------------
     def admit(
@@ -249,7 +251,7 @@ class BlockManager:
         if partial:
             self.store.copy_blocks(router, [(partial[0], fresh[0])])
         blocks = reused + fresh
-        self.sequences[seq_id] = _Sequence(router, blocks, key)
+        self.sequences[seq_id] = _Sequence(router, blocks, key, self.generation)
         if key is not None:
             self.session_owner[session_id] = owner
             self.sessions.setdefault(key, _Session(router)).busy = True
@@ -357,6 +359,8 @@ class BlockManager:
         self._register(self.sequences[seq_id], tokens)
 
     def _register(self, sequence: _Sequence, tokens: list[int]) -> None:
+        if sequence.generation != self.generation:  # computed by weights that have changed since
+            return
         pool = self.pools[sequence.router]
         parent = b""
         for i in range(len(tokens) // self.block_size):
@@ -402,6 +406,20 @@ class BlockManager:
             if not session.blocks and session.offloaded is None:
                 del self.sessions[sequence.session]
                 del self.session_owner[sequence.session[1]]
+
+    def drop_prefixes(self) -> int:
+        """Forget every cached prefix (the weights changed, e.g. a GRPO update: the latents are stale);
+        sequences running now finish without registering theirs. Returns the blocks freed. Sessions
+        keep their turns: an engine whose weights change under live sessions is not supported."""
+        self.generation += 1
+        freed = 0
+        for pool in self.pools:
+            freed += len(pool.evictable)
+            pool.free.extend(pool.evictable)
+            pool.evictable.clear()
+            pool.by_key.clear()
+            pool.key_of.clear()
+        return freed
 
     # ---- offload and restore --------------------------------------------------------------------
     def _offload_one(self, router: int, exclude: tuple[str, str] | None) -> bool:

@@ -85,5 +85,8 @@ class LatentKVCacheManager:
     def check_session(self, owner: str, session_id: str) -> None:
         self.books.check_session(owner, session_id)
 
+    def drop_prefixes(self) -> int:
+        return self.books.drop_prefixes()
+
     def stats(self) -> dict:
         return self.books.stats()

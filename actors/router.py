@@ -163,13 +163,14 @@ class RouterActor:
             return self.model.generate(prompts, max_new_tokens, **sampling)
 
     # ---- serving: the paged latent cache, the running sequences and one continuous-batching step -----
-    async def init_cache(self, cache_bytes: int, block_size: int) -> CacheShape:
+    async def init_cache(self, cache_bytes: int, block_size: int, record_routing: bool = False) -> CacheShape:
         """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
-        which block); running sequences are forgotten."""
+        which block); running sequences are forgotten. record_routing: every cached token also keeps
+        the experts it was routed to (GRPO's routing replay reads them with `sequence_routing`)."""
         dtype = next(self.model.parameters()).dtype
         bytes_per_token = LatentCache.bytes_per_token(self.model.config, dtype)
         num_blocks = cache_bytes // (block_size * bytes_per_token)
-        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype)
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype, record_routing=record_routing)
         self.sequences = SequenceTable(self.model.config.vocab_size)
         return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
@@ -186,6 +187,15 @@ class RouterActor:
         with torch.no_grad():
             logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
         return self.sequences.sample(request.chunks, logits)
+
+    async def sequences_routing(self, sequences: list[tuple[str, int]]) -> list[Tensor]:
+        """For each (seq_id, length) of running sequences: [length, MoE layers, K], the experts each of
+        its first `length` cached tokens was routed to (a cache made with record_routing)."""
+
+        def read() -> list[Tensor]:
+            return [self.cache.read_routing(self.sequences.running[seq].block_table, n) for seq, n in sequences]
+
+        return await self._step(read)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
         return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))

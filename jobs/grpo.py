@@ -76,16 +76,13 @@ def policy_batch(samples: list[RolloutSample], advantages: torch.Tensor, pad_id:
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     old_logprobs = torch.zeros(n, width)
-    routing = None
-    if samples[0].routing is not None:
-        routing = torch.full((n, width, *samples[0].routing.shape[1:]), -1, dtype=torch.long)
+    routing = torch.full((n, width, *samples[0].routing.shape[1:]), -1, dtype=torch.long)  # -1: padding
     for i, (sample, row) in enumerate(zip(samples, rows)):
         length, first = len(row) - 1, len(sample.prompt_ids) - 1  # position `first` predicts the 1st answer token
         input_ids[i, :length] = torch.tensor(row[:-1])
         targets[i, first:length] = torch.tensor(sample.response_ids)
         old_logprobs[i, first:length] = torch.tensor(sample.logprobs)
-        if routing is not None:
-            routing[i, :length] = sample.routing
+        routing[i, :length] = sample.routing
     return PolicyBatch(input_ids=input_ids, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                        routing=routing)
 
@@ -320,7 +317,7 @@ def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> 
             restore_training_state(trainer, start.checkpoint)
             if policy.has_reference:
                 policy.load_reference(start.checkpoint)
-        rollouts = Rollouts(trainer.graph, config.engine, [tokenizer.eos_token_id], config.grpo.routing_replay)
+        rollouts = Rollouts(trainer.graph, config.engine, [tokenizer.eos_token_id])
         result = {"run_dir": str(run_dir), **run_steps(config, start, run_dir, policy, rollouts, rewards, tokenizer, metrics)}
     finally:
         metrics.close()

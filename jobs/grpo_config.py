@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine import EngineConfig
 from model.grpo import GRPOSettings
 
 from .config import RunConfig, Schedule
@@ -48,6 +49,17 @@ class GRPOEval(BaseModel):
     max_new_tokens: int = Field(6, ge=1)
 
 
+class RolloutEngine(EngineConfig):
+    """The serving engine's settings (unknown keys rejected), sized for rollouts: a whole step's
+    answers (and an evaluation's questions) in flight at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_running: int = Field(256, ge=1)
+    max_queue: int = Field(4096, ge=1)
+    max_batch_tokens: int = Field(2048, ge=1)
+
+
 def default_rewards() -> list[RewardSpec]:
     return [
         RewardSpec(function="jobs.rewards:exact_match", weight=1.0),
@@ -74,6 +86,7 @@ class GRPOConfig(RunConfig):
     reference_reset_every: int | None = Field(None, ge=1, description="iterative GRPO: π_ref ← π_θ every N steps")
     rewards: list[RewardSpec] = Field(default_factory=default_rewards)
     eval: GRPOEval = Field(default_factory=GRPOEval)
+    engine: RolloutEngine = Field(default_factory=RolloutEngine, description="the rollouts' serving engine")
 
     @model_validator(mode="after")
     def _check_grpo(self) -> "GRPOConfig":
@@ -81,6 +94,8 @@ class GRPOConfig(RunConfig):
             raise ValueError("GRPO's rollouts run on the actor graph: expert_actors must be at least 1")
         if self.minibatches > self.prompts_per_step * self.group_size:
             raise ValueError("minibatches exceed the outputs of a step")
+        if self.prompts_per_step * self.group_size > self.engine.max_queue:
+            raise ValueError("a step's answers (prompts_per_step × group_size) exceed engine.max_queue")
         if self.model.init is None:
             raise ValueError("GRPO starts from a model: set model.init to a chat model folder")
         return self

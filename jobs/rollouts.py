@@ -17,8 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from cluster.graph import ActorGraph
-from engine.engine import Engine, EngineConfig
-from engine.generation import GenerationRequest, TokenEvent
+from engine import Engine, EngineConfig, GenerationRequest, TokenEvent
 from model.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -33,17 +32,17 @@ class RolloutSample(BaseModel):
     response_ids: list[int]
     logprobs: list[float]  # log π_θold of each response token (temperature-1 log-softmax of the logits)
     finish_reason: Literal["stop", "length"] | None
-    routing: torch.Tensor | None = None  # [prompt + response − 1, MoE layers, K]: experts of every cached token
+    routing: torch.Tensor  # [prompt + response − 1, MoE layers, K]: the experts of every token fed
 
 
 class Rollouts:
-    def __init__(self, graph: ActorGraph, config: EngineConfig, eos_token_ids: list[int], record_routing: bool):
-        self.record_routing = record_routing
+    def __init__(self, graph: ActorGraph, config: EngineConfig, eos_token_ids: list[int]):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollouts", daemon=True)
         self._thread.start()
         self._ids = itertools.count()
-        config = config.model_copy(update={"record_routing": record_routing})
+        # Routing is always recorded: replayed in the update, or compared with it (the mismatch rate).
+        config = config.model_copy(update={"record_routing": True})
         self.engine: Engine = self._wait(Engine.create(graph, config, eos_token_ids=eos_token_ids))
 
     def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -64,7 +63,7 @@ class Rollouts:
 
     async def _answers(self, prompt: list[int], n: int, max_tokens: int, sampling: SamplingParams) -> list[RolloutSample]:
         request = GenerationRequest(request_id=f"rollout-{next(self._ids)}", prompt_ids=prompt, max_tokens=max_tokens,
-                                    n=n, sampling=sampling, return_routing=self.record_routing)
+                                    n=n, sampling=sampling, return_routing=True)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finished: list[TokenEvent | None] = [None] * n
@@ -76,7 +75,7 @@ class Rollouts:
                     finished[event.choice] = event
         return [
             RolloutSample(prompt_ids=prompt, response_ids=tokens[i], logprobs=logprobs[i], finish_reason=end.finish_reason,
-                          routing=None if end.routing is None else torch.tensor(end.routing, dtype=torch.long))
+                          routing=torch.tensor(end.routing, dtype=torch.long))
             for i, end in enumerate(finished)
         ]
 

@@ -127,7 +127,8 @@ class LatentCache:
 
     @property
     def nbytes(self) -> int:
-        return self.pools.numel() * self.pools.element_size()
+        routing = 0 if self.routing is None else self.routing.numel() * self.routing.element_size()
+        return self.pools.numel() * self.pools.element_size() + routing
 
     @classmethod
     def for_batch(
