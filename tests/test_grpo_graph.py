@@ -93,3 +93,45 @@ def test_a_grpo_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, reference[name], atol=1e-5, rtol=0, msg=name)
         assert not torch.equal(tensor, initial[name]) or tensor.dim() == 1, f"{name} did not move"
+
+
+@pytest.mark.timeout(400)
+def test_rollouts_record_routing_replay_makes_the_first_update_start_at_the_rollouts_logprobs(ray_cluster, tmp_path):
+    """Rollouts by the engine on 1 router + 2 expert actors. Replay off: the logged mismatch rate is
+    the share of tokens whose top-k set the update's forward changes (counted here in one process).
+    Replay on: the first update's log-probs are the rollout's (to 1e-5)."""
+    from jobs.grpo import policy_batch, sampling_params, step_prompts
+    from jobs.rollouts import Rollouts
+    from model.grpo import GRPOSettings
+    from model.moe import routing_mismatch
+    from model.tokenizer import ChatTokenizer
+
+    folder = init_folder(smoke_config(tmp_path, "moe.capacity_factor=null"), tmp_path / "init")
+    config = grpo_config(folder, beta=0.0).model_copy(update={"prompts_per_step": 4})
+    tokenizer = ChatTokenizer.from_pretrained(folder)
+    prompts = [tokenizer.encode_chat(m, add_generation_prompt=True) for m, _ in step_prompts(config, 0)]
+    trainer = GraphTrainer(config, folder, name="grpo-replay")
+    rollouts = Rollouts(trainer.graph, config.engine, [tokenizer.eos_token_id])
+    try:
+        params = [sampling_params(config, 0, i) for i in range(len(prompts))]
+        samples = [s for group in rollouts.sample(prompts, config.group_size, 6, params) for s in group]
+        batch = policy_batch(samples, torch.linspace(-1, 1, len(samples)), tokenizer.pad_token_id)
+        free = GraphPolicy(trainer, GRPOSettings(beta=0.0, routing_replay=False))
+        parts, _ = free.update(0, batch, lr=0.0)  # lr 0: the weights stay the rollout's
+        replayed = GraphPolicy(trainer, GRPOSettings(beta=0.0, routing_replay=True))
+        replayed_parts, _ = replayed.update(1, batch, lr=1e-3)
+    finally:
+        rollouts.close()
+        trainer.close()
+
+    assert sum(len(s.response_ids) for s in samples) > len(samples)  # answers of several tokens
+    recorded = batch.routing[..., 0, 0] >= 0
+    assert int(recorded.sum()) == sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    with torch.no_grad():
+        chosen = DeepseekV2ForCausalLM.from_pretrained(folder)(batch.input_ids).routing
+    expected = float(routing_mismatch(chosen, batch.routing)[recorded].float().mean())
+    assert policy_metrics(parts)["mismatch_rate"] == pytest.approx(expected, abs=1.5 / int(recorded.sum()))
+    response = batch.targets != IGNORE_INDEX
+    logprobs = torch.cat([p.logprobs for p in replayed_parts])
+    torch.testing.assert_close(logprobs[response], batch.old_logprobs[response], atol=1e-5, rtol=0)
+    assert policy_metrics(replayed_parts)["mismatch_rate"] == 0.0
