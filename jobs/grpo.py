@@ -117,7 +117,8 @@ def grpo_step(config: GRPOConfig, step: int, rollouts: Rollouts, policy: Policy,
     reward, reward_means = score(samples, prompts, rewards, tokenizer)
     advantages = group_advantages(reward, config.normalize_std, config.advantage_eps).flatten()
     flat = [s for group in samples for s in group]
-    batch = policy_batch(flat, advantages, tokenizer.pad_token_id)
+    trained = trained_outputs(reward, config.filter_groups)
+    batch = policy_batch([flat[i] for i in trained], advantages[trained], tokenizer.pad_token_id)
     started = time.perf_counter()
     if policy.has_reference:
         batch = batch.model_copy(update={"ref_logprobs": policy.reference_logprobs(batch.input_ids, batch.targets)})
@@ -132,6 +133,7 @@ def grpo_step(config: GRPOConfig, step: int, rollouts: Rollouts, policy: Policy,
         "reward_std": float(reward.std()),
         **reward_means,
         "groups_without_signal": float((reward.std(dim=-1) == 0).float().mean()),
+        "trained_outputs": len(trained) / len(flat),
         **update,
         "response_length": generated / len(flat),
         "rollout_s": rollout_s,
@@ -141,17 +143,29 @@ def grpo_step(config: GRPOConfig, step: int, rollouts: Rollouts, policy: Policy,
     }
 
 
+def trained_outputs(reward: torch.Tensor, filter_groups: bool) -> torch.Tensor:
+    """Indices of the outputs the update trains on: all, or with filter_groups those of groups whose
+    rewards differ (an all-equal group has advantage 0 everywhere: it would only add the KL term);
+    all again when no group has a signal."""
+    varied = (reward.std(dim=-1) > 0).repeat_interleave(reward.shape[1])
+    if not filter_groups or not bool(varied.any()):
+        return torch.arange(reward.numel())
+    return varied.nonzero().flatten()
+
+
 def update_policy(config: GRPOConfig, policy: Policy, batch: PolicyBatch, step: int) -> dict[str, Any]:
     """μ passes over the batch, `minibatches` optimizer steps each. The first step's log-probs are
     compared with the rollout's (equal under routing replay: the ratio starts at exactly 1)."""
     lr = config.schedule.lr_at(step, config.steps)
-    updates_per_step = config.updates_per_batch * config.minibatches
+    minibatches = min(config.minibatches, len(batch.input_ids))
+    updates_per_step = config.updates_per_batch * minibatches
     order = torch.arange(len(batch.input_ids))
     first, metrics, grad_norms, tokens = None, [], [], 0
     for k in range(updates_per_step):
-        rows = order.tensor_split(config.minibatches)[k % config.minibatches]
+        rows = order.tensor_split(minibatches)[k % minibatches]
         minibatch = batch.rows(rows)
-        parts, grad_norm = policy.update(step * updates_per_step + k, minibatch, lr)
+        update_index = step * config.updates_per_batch * config.minibatches + k  # unique: it seeds token dropping
+        parts, grad_norm = policy.update(update_index, minibatch, lr)
         if first is None:
             response = minibatch.targets != IGNORE_INDEX
             logprobs = torch.cat([p.logprobs for p in parts])

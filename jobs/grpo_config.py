@@ -82,6 +82,7 @@ class GRPOConfig(RunConfig):
     updates_per_batch: int = Field(1, ge=1, description="μ: passes of optimizer steps over each rollout batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass (the batch's outputs split evenly)")
     normalize_std: bool = Field(True, description="divide advantages by the group's std (False: Dr. GRPO)")
+    filter_groups: bool = Field(False, description="train only on groups whose rewards differ (DAPO's filter)")
     advantage_eps: float = Field(1e-4, gt=0)
     reference_reset_every: int | None = Field(None, ge=1, description="iterative GRPO: π_ref ← π_θ every N steps")
     rewards: list[RewardSpec] = Field(default_factory=default_rewards)
