@@ -60,9 +60,15 @@ def test_kill_9_then_resume_gets_the_rewards_of_an_uninterrupted_run(ray_cluster
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
 
 
-def test_moeray_train_grpo_rejects_a_config_it_cannot_run(tmp_path, capsys):
+@pytest.mark.timeout(300)
+def test_moeray_train_grpo_runs_the_job_and_rejects_a_config_it_cannot_run(ray_cluster, tmp_path):
     from cli.main import main
 
+    run_dir = tmp_path / "cli-run"
+    assert main(["train", "grpo", "--config", str(GRPO_SMOKE), "--steps", "1", "--run-dir", str(run_dir),
+                 "--set", "plot=false", "--set", "eval.conversations=0", "--set", "eval.single_turn=0"]) == 0
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
+    assert json.loads((run_dir / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "grpo", "--config", str(GRPO_SMOKE), "--set", "group_size=1", "--run-dir", str(tmp_path)])
     assert "group_size" in str(exit_info.value)
