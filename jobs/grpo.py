@@ -34,6 +34,7 @@ from model.training import IGNORE_INDEX
 
 from .config import config_from_args, job_parser
 from .data import arith_answer, arith_conversations, arith_messages
+from .eval_arith import evaluate_folder, heldout_problems
 from .grpo_config import GRPOConfig
 from .policy import GraphPolicy, Policy, policy_metrics
 from .rewards import Completion, Rewards
@@ -183,8 +184,6 @@ def update_policy(config: GRPOConfig, policy: Policy, batch: PolicyBatch, step: 
 def evaluate_live(config: GRPOConfig, rollouts: Rollouts, tokenizer: ChatTokenizer) -> dict[str, float]:
     """Greedy exact match of the current policy through the engine: held-out conversations (last
     answer) and held-out single questions."""
-    from .eval_arith import heldout_problems
-
     task, n = config.task, config.eval
     conversations = arith_conversations(task.arith, "heldout", n.conversations, 0, task.min_turns, task.max_turns)
     singles = [(arith_messages(*p, with_answer=False), arith_answer(*p)) for p in heldout_problems(task.arith, n.single_turn)]
@@ -201,8 +200,6 @@ def evaluate_live(config: GRPOConfig, rollouts: Rollouts, tokenizer: ChatTokeniz
 def evaluate_checkpoint(config: GRPOConfig, checkpoint: Path) -> dict[str, Any]:
     """The final model, loaded from its folder in one process (no engine, no actors): the numbers the
     README reports."""
-    from .eval_arith import evaluate_folder
-
     task, n = config.task, config.eval
     multi = evaluate_folder(checkpoint, task.arith, n.conversations, n.max_new_tokens, (task.min_turns, task.max_turns))
     single = evaluate_folder(checkpoint, task.arith, n.single_turn, n.max_new_tokens)

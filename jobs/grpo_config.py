@@ -39,7 +39,8 @@ class RolloutSampling(BaseModel):
 
 
 class GRPOEval(BaseModel):
-    """Greedy exact match of the policy on held-out questions (one process, from a checkpoint)."""
+    """Greedy exact match of the policy on held-out questions: every `every` steps through the engine
+    (the live weights), and at the end from the final checkpoint in one process."""
 
     model_config = ConfigDict(extra="forbid")
 
