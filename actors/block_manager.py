@@ -7,6 +7,10 @@ pressure: least-recently-used idle sessions are offloaded to the first storage t
 restored on their next turn; a session whose router cannot make room for its next turn moves to one
 that can. The block contents are reached through a `BlockStore` (the routers' pools) and offloaded
 data goes to `OffloadTier`s; the actor around this class supplies the ones that need Ray.
+
+Sessions end when their owner ends them, when they stay idle longer than `session_idle_s`, or when an
+owner that holds `max_sessions_per_owner` starts another (its least recently used idle one ends); an
+ended session's blocks and offloaded data (a file, on the disk tier) go at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +44,10 @@ class SessionNotFound(CacheError):
     """No such session for this owner (sessions belong to whoever created them)."""
 
 
+class SessionBusy(CacheError):
+    """The session has a request running."""
+
+
 class BlockStore(Protocol):
     """The block pools, one per router, indexed by router number."""
 
@@ -61,6 +70,10 @@ class OffloadTier(Protocol):
         """The data stored under `handle`, forgotten by the tier."""
         ...
 
+    def discard(self, handle: Any) -> None:
+        """Forget the data stored under `handle` without reading it."""
+        ...
+
 
 class HostTier:
     """This process's memory."""
@@ -73,6 +86,9 @@ class HostTier:
 
     def take(self, handle: Tensor) -> Tensor:
         return handle
+
+    def discard(self, handle: Tensor) -> None:
+        pass
 
 
 class DiskTier:
@@ -92,6 +108,9 @@ class DiskTier:
         data = torch.load(handle, weights_only=True)
         os.remove(handle)
         return data
+
+    def discard(self, handle: str) -> None:
+        Path(handle).unlink(missing_ok=True)
 
 
 def nbytes(data: Tensor) -> int:
@@ -192,7 +211,12 @@ class BlockManager:
         bytes_per_token: int,
         store: BlockStore,
         tiers: list[OffloadTier],
+        session_idle_s: float | None = None,
+        max_sessions_per_owner: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`session_idle_s`: end sessions idle this long (None = never); `max_sessions_per_owner`: None =
+        no limit; `clock`: seconds, for idle times."""
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
         self.block_bytes = block_size * bytes_per_token
@@ -209,6 +233,8 @@ class BlockManager:
         self.restores = 0
         self.moves = 0
         self.generation = 0  # bumped by drop_prefixes
+        self.session_idle_s, self.max_sessions_per_owner, self.clock = session_idle_s, max_sessions_per_owner, clock
+        self.sessions_ended = {"ended": 0, "expired": 0, "replaced": 0, "lost": 0}
 
     # ---- admission ------------------------------------------------------------------------------
     def admit(
@@ -230,6 +256,8 @@ class BlockManager:
             session = self.sessions.get(key)
             if session is not None and session.busy:
                 raise CacheFull(f"session {session_id!r} already has a request running")
+            if session is None:
+                self._limit_sessions(owner)
         total_blocks = -(-(len(prompt) + max_new_tokens) // self.block_size)
         if total_blocks > self.pools[0].num_blocks:
             raise CacheTooSmall(
@@ -254,7 +282,7 @@ class BlockManager:
         self.sequences[seq_id] = _Sequence(router, blocks, key, self.generation)
         if key is not None:
             self.session_owner[session_id] = owner
-            self.sessions.setdefault(key, _Session(router)).busy = True
+            self.sessions.setdefault(key, _Session(router, last_used=self.clock())).busy = True
         self.prompt_tokens += len(prompt)
         self.cached_tokens += cached
         return Admission(router, blocks, cached)
@@ -356,7 +384,9 @@ class BlockManager:
     # ---- completion -----------------------------------------------------------------------------
     def register_prefix(self, seq_id: str, tokens: list[int]) -> None:
         """Make the full blocks holding these (now computed) tokens reusable by prefix."""
-        self._register(self.sequences[seq_id], tokens)
+        sequence = self.sequences.get(seq_id)
+        if sequence is not None:  # else dropped meanwhile: its router was reset
+            self._register(sequence, tokens)
 
     def _register(self, sequence: _Sequence, tokens: list[int]) -> None:
         if sequence.generation != self.generation:  # computed by weights that have changed since
@@ -383,15 +413,15 @@ class BlockManager:
         for block in sequence.blocks[used:]:
             pool.unref(block)
         kept = sequence.blocks[:used]
-        if sequence.session is None:
+        session = self.sessions.get(sequence.session) if sequence.session is not None else None
+        if session is None:
             for block in kept:
                 pool.unref(block)
             return
-        session = self.sessions[sequence.session]
         for block in session.blocks:
             self.pools[session.router].unref(block)
         session.tokens, session.blocks = list(tokens), kept
-        session.busy, session.last_used, session.router = False, time.monotonic(), sequence.router
+        session.busy, session.last_used, session.router = False, self.clock(), sequence.router
 
     def cancel(self, seq_id: str) -> None:
         """Free at once; a session keeps its previous turn."""
@@ -400,12 +430,11 @@ class BlockManager:
             return
         for block in sequence.blocks:
             self.pools[sequence.router].unref(block)
-        if sequence.session is not None:
-            session = self.sessions[sequence.session]
+        session = self.sessions.get(sequence.session) if sequence.session is not None else None
+        if session is not None:
             session.busy = False
             if not session.blocks and session.offloaded is None:
-                del self.sessions[sequence.session]
-                del self.session_owner[sequence.session[1]]
+                self._end(sequence.session, None)
 
     def drop_prefixes(self) -> int:
         """Forget every cached prefix (the weights changed, e.g. a GRPO update: the latents are stale);
@@ -457,12 +486,90 @@ class BlockManager:
     # ---- sessions -------------------------------------------------------------------------------
     def check_session(self, owner: str, session_id: str) -> None:
         """A session id held by another owner does not exist for this one."""
+        self.expire_idle()
         holder = self.session_owner.get(session_id)
         if holder is not None and holder != owner:
             raise SessionNotFound(f"session {session_id!r} not found")
 
+    def sessions_of(self, owner: str) -> list[dict]:
+        """The owner's sessions (and no one else's), most recently used first."""
+        self.expire_idle()
+        now = self.clock()
+        mine = sorted(((s.last_used, sid, s) for (o, sid), s in self.sessions.items() if o == owner), reverse=True)
+        return [{"id": sid, "tokens": len(s.tokens), "idle_s": round(now - s.last_used, 3), "busy": s.busy,
+                 "stored": s.offloaded.tier.name if s.offloaded else "cache"} for _, sid, s in mine]
+
+    def end_session(self, owner: str, session_id: str) -> None:
+        """End one of the owner's sessions now: its blocks and offloaded data go."""
+        self.check_session(owner, session_id)
+        session = self.sessions.get((owner, session_id))
+        if session is None:
+            raise SessionNotFound(f"session {session_id!r} not found")
+        if session.busy:
+            raise SessionBusy(f"session {session_id!r} has a request running")
+        self._end((owner, session_id), "ended")
+
+    def expire_idle(self) -> None:
+        if self.session_idle_s is None:
+            return
+        cutoff = self.clock() - self.session_idle_s
+        for key in [k for k, s in self.sessions.items() if not s.busy and s.last_used < cutoff]:
+            self._end(key, "expired")
+
+    def _limit_sessions(self, owner: str) -> None:
+        """Room for one more session of this owner: past its limit, its least recently used idle one ends."""
+        if self.max_sessions_per_owner is None:
+            return
+        held = [(s.last_used, key) for key, s in self.sessions.items() if key[0] == owner]
+        if len(held) < self.max_sessions_per_owner:
+            return
+        idle = [(used, key) for used, key in held if not self.sessions[key].busy]
+        if not idle:
+            raise CacheFull(f"this key holds {len(held)} sessions, all with a request running")
+        self._end(min(idle)[1], "replaced")
+
+    def _end(self, key: tuple[str, str], reason: str | None) -> None:
+        """Forget a session: its blocks back to the pool, its offloaded data discarded."""
+        session = self.sessions.pop(key)
+        if self.session_owner.get(key[1]) == key[0]:
+            del self.session_owner[key[1]]
+        for block in session.blocks:
+            self.pools[session.router].unref(block)
+        if session.offloaded is not None:
+            session.offloaded.tier.discard(session.offloaded.handle)
+            self.tier_used[session.offloaded.tier.name] -= session.offloaded.nbytes
+        if reason is not None:
+            self.sessions_ended[reason] += 1
+
+    # ---- recovery -------------------------------------------------------------------------------
+    def reset_router(self, router: int) -> None:
+        """The router restarted with an empty pool: forget what these books say it holds. Its running
+        sequences are dropped (the engine failed them) and sessions whose blocks were there end; sessions
+        offloaded from it keep their data and are restored into the new pool on their next turn."""
+        self.pools[router] = _Pool(self.pools[router].num_blocks)
+        for seq_id in [s for s, sequence in self.sequences.items() if sequence.router == router]:
+            sequence = self.sequences.pop(seq_id)
+            if sequence.session in self.sessions:
+                self.sessions[sequence.session].busy = False
+        for key, session in list(self.sessions.items()):
+            if session.router == router and session.offloaded is None:
+                session.blocks = []  # nothing to give back: the pool is new
+                self._end(key, "lost")
+
+    def adopt(self, sequences: list[tuple[str, int, list[int]]]) -> None:
+        """Take over running sequences (seq_id, router, block table) that books now lost were keeping,
+        so that their blocks are not handed out again before they finish."""
+        for seq_id, router, blocks in sequences:
+            pool = self.pools[router]
+            for block in blocks:
+                if block not in pool.refs:
+                    pool.free.remove(block)
+                pool.ref(block)
+            self.sequences[seq_id] = _Sequence(router, list(blocks), None, self.generation)
+
     # ---- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict:
+        self.expire_idle()
         routers = []
         for index, pool in enumerate(self.pools):
             used = pool.num_blocks - pool.available
@@ -491,6 +598,7 @@ class BlockManager:
             "offloads": self.offloads,
             "restores": self.restores,
             "session_moves": self.moves,
+            "sessions_ended": dict(self.sessions_ended),
             "prompt_tokens": self.prompt_tokens,
             "cached_prompt_tokens": self.cached_tokens,
             "hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,

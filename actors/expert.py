@@ -18,6 +18,7 @@ from model.checkpoint import write_shard
 from model.moe import make_experts
 from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast, grad_sq_norm, gradients, zero_grads
 
+from .devices import ComputeDtype, actor_device, compute_dtype
 from .wire import WireTensor, from_wire, to_wire
 
 
@@ -25,29 +26,39 @@ IDLE_REPLY = torch.zeros(1)
 
 
 class ExpertActor:
-    def __init__(self, model_dir: str, index: int, experts: dict[int, list[int]], torch_threads: int = 1):
+    def __init__(
+        self, model_dir: str, index: int, experts: dict[int, list[int]], torch_threads: int = 1,
+        dtype: ComputeDtype = "auto", device: torch.device | None = None,
+    ):  # fmt: skip
+        """`device`: where the experts live; by default the device Ray gave this actor."""
         torch.set_num_threads(torch_threads)
         self.index = index
         self.model_dir = model_dir
+        self.device = device or actor_device()
+        self.dtype = compute_dtype(dtype, self.device)
         self.config = DeepseekV2Config.from_pretrained(model_dir)
-        self.local = LocalExperts.from_pretrained(model_dir, self.config, experts)
+        self.local = LocalExperts.from_pretrained(model_dir, self.config, experts, self.dtype, self.device)
         self.optimizer: NamedAdamW | None = None  # set by configure_training
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
 
     def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
-        return {"index": self.index, "pid": os.getpid(), "node_id": node, "experts": self.held()}
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(), "experts": self.held(),
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
 
     # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
     def forward(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, None]:
-        return to_wire(self._forward(layer, from_wire(tokens), counts)), None
+        return to_wire(self._forward(layer, from_wire(tokens, self.device), counts)), None
 
     def _forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
-        return self.local.forward(layer, tokens, counts, keep_for_backward=False)[0]
+        """The experts in their own dtype on their own device; the answer in the tokens' dtype."""
+        outputs = self.local.forward(layer, tokens.to(self.device, self.dtype), counts, keep_for_backward=False)[0]
+        return outputs.to(tokens.dtype)
 
     def forward_compiled(self, message: tuple[int, Tensor | None, list[int]]) -> Tensor:
         """The compiled graph's entry: one (layer, tokens, counts) message per execution; an idle
@@ -58,13 +69,14 @@ class ExpertActor:
         return self._forward(layer, tokens, counts)
 
     def forward_train(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, int]:
-        tokens = from_wire(tokens)
-        with autocast(self.train_dtype):
+        tokens = from_wire(tokens, self.device)
+        with autocast(self.train_dtype, self.device):
             outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
         return to_wire(outputs.to(tokens.dtype)), handle  # bf16 autocast: answer in the tokens' dtype
 
-    def backward(self, handle: int, grad_outputs: WireTensor) -> WireTensor:
-        return to_wire(self.local.backward(handle, from_wire(grad_outputs)))
+    def backward(self, handle: int, grad_outputs: WireTensor) -> tuple[WireTensor, None]:
+        """The gradient of the tokens, in the forward's reply shape (the transport reads both alike)."""
+        return to_wire(self.local.backward(handle, from_wire(grad_outputs, self.device))), None
 
     # ---- parameters and gradients -------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
@@ -91,7 +103,7 @@ class ExpertActor:
         if self.optimizer is not None:
             raise RuntimeError("experts cannot move while this actor holds optimizer state")
         current = self.local.experts[layer]
-        updated = make_experts(self.config, sorted({*keep, *incoming}))
+        updated = make_experts(self.config, sorted({*keep, *incoming})).to(self.device, self.dtype)
         with torch.no_grad():
             for e in keep:
                 updated[str(e)].load_state_dict(current[str(e)].state_dict())

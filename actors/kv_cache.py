@@ -4,11 +4,17 @@ The bookkeeping is `actors.block_manager.BlockManager` (no Ray); this actor give
 the routers' block pools (export, import and copy of blocks go straight to the router that holds
 them) and the object-store offload tier between host memory and disk. It is created by
 `cluster.cache_manager.start_cache_manager`.
+
+Offloaded sessions that reach the disk tier are files in a folder of this actor's own, under
+`offload_dir` (default: a folder per graph in the system's temp directory). The folder goes when the
+manager closes; one left by a manager that died is removed by the next manager of that graph.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import ray
 from pydantic import BaseModel, Field
@@ -23,7 +29,13 @@ class CacheManagerConfig(BaseModel):
     bytes_per_token: int = Field(ge=1)
     host_offload_bytes: int = Field(64 * 1024**2, ge=0)
     object_store_offload_bytes: int = Field(64 * 1024**2, ge=0)
-    offload_dir: str | None = Field(None, description="None = .moeray-offload in the working directory")
+    offload_dir: str | None = Field(None, description="None = moeray-offload-<graph> in the system's temp directory")
+    graph: str = Field("moeray", description="the graph's name (its default offload folder)")
+    session_idle_s: float | None = Field(1800.0, gt=0, description="end sessions idle this long; None = never")
+    max_sessions_per_owner: int | None = Field(1024, ge=1, description="past it a key's LRU idle session ends")
+
+    def offload_root(self) -> Path:
+        return Path(self.offload_dir or Path(tempfile.gettempdir()) / f"moeray-offload-{self.graph}")
 
 
 class RouterBlocks:
@@ -57,16 +69,29 @@ class ObjectStoreTier:
         return ray.get(handle)
 
 
+def _remove_orphans(root: Path, namespace: str) -> None:
+    """Folders of cache managers that no longer run (each is named after its actor)."""
+    for folder in root.iterdir() if root.is_dir() else ():
+        try:
+            ray.get_actor(folder.name, namespace=namespace)
+        except ValueError:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class LatentKVCacheManager:
     def __init__(self, routers: list, config: CacheManagerConfig):
-        offload_dir = config.offload_dir or os.path.join(os.getcwd(), ".moeray-offload")
+        context = ray.get_runtime_context()
+        root = config.offload_root()
+        _remove_orphans(root, context.namespace)
+        self.offload_dir = root / (context.get_actor_name() or context.get_actor_id())
         tiers = [
             HostTier(config.host_offload_bytes),
             ObjectStoreTier(config.object_store_offload_bytes),
-            DiskTier(offload_dir),
+            DiskTier(self.offload_dir),
         ]
         self.books = BlockManager(
-            len(routers), config.num_blocks, config.block_size, config.bytes_per_token, RouterBlocks(routers), tiers
+            len(routers), config.num_blocks, config.block_size, config.bytes_per_token, RouterBlocks(routers), tiers,
+            config.session_idle_s, config.max_sessions_per_owner,
         )
 
     def admit(self, seq_id: str, prompt: list[int], max_new_tokens: int, owner: str = "",
@@ -85,8 +110,23 @@ class LatentKVCacheManager:
     def check_session(self, owner: str, session_id: str) -> None:
         self.books.check_session(owner, session_id)
 
+    def sessions_of(self, owner: str) -> list[dict]:
+        return self.books.sessions_of(owner)
+
+    def end_session(self, owner: str, session_id: str) -> None:
+        self.books.end_session(owner, session_id)
+
+    def reset_router(self, router: int) -> None:
+        self.books.reset_router(router)
+
+    def adopt(self, sequences: list[tuple[str, int, list[int]]]) -> None:
+        self.books.adopt(sequences)
     def drop_prefixes(self) -> int:
         return self.books.drop_prefixes()
 
     def stats(self) -> dict:
-        return self.books.stats()
+        return {**self.books.stats(), "offload_dir": str(self.offload_dir)}
+
+    def close(self) -> None:
+        """Remove the offload folder (every session's files in it) before the actor goes."""
+        shutil.rmtree(self.offload_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ loop keeps answering statistics and health calls during a step.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,16 +27,20 @@ from model.sampling import Sampled
 from model.training import (
     AdamWSettings,
     NamedAdamW,
+    OptimizerUpdate,
     ReferenceWeights,
     StepParts,
+    clip_scale,
     dense_parameters,
     dense_state_dict,
     next_token_backward,
 )
 
+from .data_parallel import DataParallelGroup, rendezvous_address
+from .devices import ComputeDtype, actor_device, compute_dtype
 from .load_stats import LoadStats
 from .placement import Placement
-from .sequences import CacheShape, SequenceTable, StepRequest
+from .sequences import CacheNotAllocated, CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
 from .transports.objectstore import ObjectStoreTransport
 
@@ -44,6 +49,7 @@ class RouterSettings(BaseModel):
     transport: str = "objectstore"
     transport_settings: TransportSettings = TransportSettings()
     cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
+    dtype: ComputeDtype = Field("auto", description="dense weights and latent cache: auto = bf16 on a GPU, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="copies of hot experts per MoE layer that `rebalance` adds")
 
 
@@ -68,16 +74,19 @@ class RouterActor:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-step")
         self._worker.submit(torch.set_num_threads, settings.cpu_threads).result()
         self.model_dir = model_dir
-        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, expert_ids=[])
+        self.device = actor_device()
+        self.dtype = compute_dtype(settings.dtype, self.device)
+        self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, self.dtype, self.device, expert_ids=[])
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
-        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings)
+        self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
         self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
+        self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
 
@@ -90,7 +99,8 @@ class RouterActor:
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
-        return {"index": self.index, "pid": os.getpid(), "node_id": node, "transport": self.transport_name}
+        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:
@@ -129,7 +139,9 @@ class RouterActor:
     def _profile_dispatch(self, batch_sizes: list[int], warmup: int, iters: int) -> list[dict]:
         moe = next(iter(self.model.moe_layers().values()))
         layer, n_experts = moe.layer_idx, moe.n_experts
-        local = LocalExperts.from_pretrained(self.model_dir, self.model.config, {layer: list(range(n_experts))})
+        local = LocalExperts.from_pretrained(
+            self.model_dir, self.model.config, {layer: list(range(n_experts))}, self.dtype, self.device
+        )
         backends = {"local": local, self.transport_name: self.experts}
         generator = torch.Generator().manual_seed(0)
         results = []
@@ -137,7 +149,7 @@ class RouterActor:
             for batch in batch_sizes:
                 messages = []
                 for _ in range(16):
-                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator)
+                    x = torch.randn(batch, self.model.config.hidden_size, generator=generator).to(self.device, self.dtype)
                     expert_of = moe.gate(x).expert_ids.flatten()
                     token_of = torch.arange(batch).repeat_interleave(len(expert_of) // batch)
                     token_of = token_of[expert_of.argsort(stable=True)]
@@ -166,12 +178,12 @@ class RouterActor:
     async def init_cache(self, cache_bytes: int, block_size: int, record_routing: bool = False) -> CacheShape:
         """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
         which block); running sequences are forgotten. record_routing: every cached token also keeps
-        the experts it was routed to (GRPO's routing replay reads them with `sequence_routing`)."""
-        dtype = next(self.model.parameters()).dtype
-        bytes_per_token = LatentCache.bytes_per_token(self.model.config, dtype)
+        the experts it was routed to (GRPO's routing replay reads them with `sequences_routing`)."""
+        bytes_per_token = LatentCache.bytes_per_token(self.model.config, self.dtype)
         num_blocks = cache_bytes // (block_size * bytes_per_token)
-        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=dtype, record_routing=record_routing)
-        self.sequences = SequenceTable(self.model.config.vocab_size)
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=self.dtype, device=self.device,
+                                 record_routing=record_routing)
+        self.sequences = SequenceTable(self.model.config.vocab_size, self.device)
         return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
     async def step(self, request: StepRequest) -> list[Sampled | None]:
@@ -179,13 +191,19 @@ class RouterActor:
         together). Returns per chunk the sampled next token, or None for a chunk inside its prompt."""
         return await self._step(self._run_step, request)
 
+    def _pool(self) -> LatentCache:
+        if self.cache is None:
+            raise CacheNotAllocated(self.index)
+        return self.cache
+
     def _run_step(self, request: StepRequest) -> list[Sampled | None]:
+        cache = self._pool()
         self.sequences.update(request.opened, request.closed)
         if not request.chunks:
             return []
         input_ids, batch = self.sequences.batch(request.chunks)
         with torch.no_grad():
-            logits = self.model(input_ids, cache=self.cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
+            logits = self.model(input_ids, cache=cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
         return self.sequences.sample(request.chunks, logits)
 
     async def sequences_routing(self, sequences: list[tuple[str, int]]) -> list[Tensor]:
@@ -193,19 +211,22 @@ class RouterActor:
         its first `length` cached tokens was routed to (a cache made with record_routing)."""
 
         def read() -> list[Tensor]:
-            return [self.cache.read_routing(self.sequences.running[seq].block_table, n) for seq, n in sequences]
+            return [self._pool().read_routing(self.sequences.running[seq].block_table, n).cpu() for seq, n in sequences]
 
         return await self._step(read)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
-        return await self._step(self.cache.export_blocks, torch.tensor(block_ids, dtype=torch.long))
+        """The blocks' contents in host memory (they leave this device for an offload tier or a router)."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return await self._step(lambda: self._pool().export_blocks(ids).cpu())
 
     async def import_blocks(self, block_ids: list[int], data: Tensor) -> None:
-        await self._step(self.cache.import_blocks, torch.tensor(block_ids, dtype=torch.long), data)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        await self._step(self._pool().import_blocks, ids, data.to(self.device))
 
     async def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        sources, targets = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
-        await self._step(self.cache.copy_blocks, sources, targets)
+        sources, targets = (torch.tensor(column, dtype=torch.long, device=self.device) for column in zip(*pairs))
+        await self._step(self._pool().copy_blocks, sources, targets)
 
     # ---- training ---------------------------------------------------------------------------------
     async def forward_backward(self, input_ids: Tensor, output_weights: Tensor) -> dict[str, Tensor]:
@@ -223,7 +244,18 @@ class RouterActor:
 
         return await self._step(run)
 
-    # ---- training: next-token steps driven by jobs/trainer.py (dense params; experts step on actors) --
+    # ---- training: optimizer steps driven by jobs/trainer.py (dense params; experts step on actors) ---
+    async def rendezvous_address(self) -> str:
+        """Where the data-parallel group meets, on this router's node (asked of rank 0)."""
+        return rendezvous_address(ray.util.get_node_ip_address())
+
+    async def init_data_parallel(self, rank: int, world_size: int, address: str) -> None:
+        """Join the routers' process group (every rank is called at once; this returns when all are in)."""
+        def run() -> None:
+            self.data_parallel = DataParallelGroup(rank, world_size, address, self.device)
+
+        await self._step(run)
+
     async def configure_training(self, optimizer: AdamWSettings, dtype: str = "float32") -> None:
         """AdamW over the dense parameters held here, and the autocast dtype of training forwards."""
 
@@ -233,23 +265,37 @@ class RouterActor:
 
         await self._step(run)
 
-    async def train_step(self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int) -> StepParts:
-        """Forward + backward of this rank's rows; returns loss parts, load and the dense grad norm²."""
+    async def train_step(
+        self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int, update: OptimizerUpdate
+    ) -> StepParts:
+        """One optimizer step of next-token training: this rank's forward + backward of its rows, then
+        the update. Returns the loss parts and load, with the global gradient norm."""
 
         def run() -> StepParts:
-            parts = next_token_backward(self.model, input_ids, labels, ce_weight, seed, self.train_dtype)
-            return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
+            input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
+            parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
+            return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)
 
-    async def dense_grads(self) -> dict[str, Tensor]:
-        return await self._step(self.dense_optimizer.grads)
-
-    async def set_dense_grads(self, grads: dict[str, Tensor]) -> None:
-        await self._step(self.dense_optimizer.set_grads, grads)
-
-    async def apply_train_step(self, lr: float, grad_scale: float) -> None:
-        await self._step(self.dense_optimizer.step, lr, grad_scale)
+    def _update(self, update: OptimizerUpdate) -> float:
+        """The optimizer step that follows every rank's backward, whatever the loss: average the dense
+        gradients over the ranks (the all-reduce is also the barrier after which every rank's expert
+        backward is done), take the global norm (dense + every expert actor's: their gradients are the
+        sum over ranks, hence / ranks²), then step the dense AdamW here and this rank's share of the
+        expert actors with the same clip scale (theirs / ranks: the mean over ranks). Returns the norm."""
+        dense, group = self.dense_optimizer, self.data_parallel
+        group.average_gradients(list(dense.params.values()))
+        experts = group.share(self.expert_actors)
+        expert_norms = [actor.grad_sq_norm.remote() for actor in experts]
+        dense_sq = dense.grad_sq_norm()
+        expert_sq = group.sum(sum(self.objectstore.wait(expert_norms))) / group.world_size**2
+        grad_norm = math.sqrt(dense_sq + expert_sq)
+        scale = clip_scale(grad_norm, update.grad_clip)
+        expert_steps = [actor.step.remote(update.lr, scale / group.world_size) for actor in experts]
+        dense.step(update.lr, scale)  # while the expert actors step theirs
+        self.objectstore.wait(expert_steps)
+        return grad_norm
 
     async def save_dense(self, path: str) -> dict[str, int]:
         """Write the dense weights (HF names) as one safetensors file; returns name -> bytes."""
@@ -268,19 +314,27 @@ class RouterActor:
         await self._step(torch.set_rng_state, state)
 
     # ---- GRPO: the policy update and the reference (π_ref), on these same weights (jobs/policy.py) -----
-    async def policy_backward(self, batch: PolicyBatch, settings: GRPOSettings, output_weight: float, seed: int) -> PolicyParts:
-        """Forward (replaying the rollout's routing when settings say so) + backward of this rank's
-        outputs; returns the objective's parts and the dense grad norm²."""
+    async def policy_step(
+        self, batch: PolicyBatch, settings: GRPOSettings, output_weight: float, seed: int, update: OptimizerUpdate
+    ) -> PolicyParts:
+        """One optimizer step of GRPO: this rank's forward (replaying the rollout's routing when the
+        settings say so) + backward of its outputs, then the update SFT's steps take. Returns the
+        objective's parts, with the global gradient norm."""
 
         def run() -> PolicyParts:
-            parts = policy_backward(self.model, batch, settings, output_weight, seed, self.train_dtype)
-            return parts.model_copy(update={"dense_grad_sq": self.dense_optimizer.grad_sq_norm()})
+            parts = policy_backward(self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype)
+            return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)
 
     async def logprobs(self, input_ids: Tensor, targets: Tensor) -> Tensor:
         """log π of each target with the weights in place (the reference's after use_reference(True))."""
-        return await self._step(policy_logprobs, self.model, input_ids, targets, self.train_dtype)
+
+        def run() -> Tensor:
+            ids, tgt = input_ids.to(self.device), targets.to(self.device)
+            return policy_logprobs(self.model, ids, tgt, self.train_dtype).cpu()
+
+        return await self._step(run)
 
     async def configure_reference(self) -> None:
         """Freeze a copy of the dense weights as the reference."""
@@ -315,7 +369,9 @@ class RouterActor:
             return
         transport: ExpertTransport = self.objectstore
         if name != self.objectstore.name:
-            transport = TRANSPORTS[name](self.expert_actors, self.settings.transport_settings, self.objectstore)
+            transport = TRANSPORTS[name](
+                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore
+            )
         if current is not self.objectstore:
             current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused
         self.experts.transport = transport

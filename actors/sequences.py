@@ -16,6 +16,18 @@ from model import RaggedBatch
 from model.sampling import Sampled, SamplingParams, SequenceSampler
 
 
+class CacheNotAllocated(RuntimeError):
+    """The router has no block pool: it was restarted (a fresh process) since the engine allocated one.
+    Whatever the engine's books say this router holds is gone; the engine allocates a new pool."""
+
+    def __init__(self, router: int):
+        super().__init__(f"router {router} has no latent-cache pool (restarted since it was allocated)")
+        self.router = router
+
+    def __reduce__(self):  # crosses Ray: rebuilt from the router index
+        return CacheNotAllocated, (self.router,)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheShape:
     """A router's block pool, as `RouterActor.init_cache` allocated it."""
@@ -63,8 +75,9 @@ class _Running:
 class SequenceTable:
     """The router's running sequences."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
+        self.device = device
         self.running: dict[str, _Running] = {}
 
     def update(self, opened: list[OpenSequence], closed: list[str]) -> None:
@@ -78,9 +91,9 @@ class SequenceTable:
         """The chunks as one flattened row of input ids [1, N] and where they go in the cache."""
         tables = [self.running[c.seq_id].block_table for c in chunks]
         width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)
         batch = RaggedBatch(padded, [c.start for c in chunks], [len(c.tokens) for c in chunks])
-        return torch.tensor([t for c in chunks for t in c.tokens])[None], batch
+        return torch.tensor([t for c in chunks for t in c.tokens], device=self.device)[None], batch
 
     def sample(self, chunks: list[Chunk], last_logits: Tensor) -> list[Sampled | None]:
         """The next token of every chunk that reaches the end of its prompt (None for the others)."""

@@ -20,12 +20,15 @@ class WireTensor(NamedTuple):
 
 
 def to_wire(tensor: Tensor) -> WireTensor:
-    tensor = tensor.detach().contiguous()
+    """Host memory on the wire: a tensor on a GPU is copied to the host first."""
+    tensor = tensor.detach().to("cpu").contiguous()
     if tensor.dtype == torch.bfloat16:
         return WireTensor(tensor.view(torch.int16).numpy(), "bfloat16")
     return WireTensor(tensor.numpy(), "")
 
 
-def from_wire(message: WireTensor) -> Tensor:
+def from_wire(message: WireTensor, device: torch.device) -> Tensor:
+    """The tensor on the receiver's device (a no-op copy on the CPU)."""
     tensor = torch.from_numpy(message.data)
-    return tensor.view(torch.bfloat16) if message.dtype == "bfloat16" else tensor
+    tensor = tensor.view(torch.bfloat16) if message.dtype == "bfloat16" else tensor
+    return tensor.to(device)

@@ -35,6 +35,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 
+from bench.args import positive_ints
 from cluster.graph import NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -83,9 +84,9 @@ def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~2 min)")
-    parser.add_argument("--actors", default="1,2", help="expert actor counts, e.g. 1,2,4")
+    parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
-    actors = [int(a) for a in args.actors.split(",")]
+    actors = args.actors
     batches = [1, 8] if args.quick else [1, 64]
     warmup, iters = (5, 40) if args.quick else (20, 200)
     new_tokens, repeats = (8, 2) if args.quick else (24, 3)

@@ -20,7 +20,7 @@ import time
 
 import ray
 
-from cluster.graph import NAMESPACE, ActorGraph
+from cluster.graph import ActorGraph, ensure_ray
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.sampling import SamplingParams
@@ -64,8 +64,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokens < LATE[1]:
         parser.error(f"--tokens must be at least {LATE[1]}")
+    if args.model is not None:
+        try:
+            DeepseekV2Config.from_pretrained(args.model)
+        except FileNotFoundError as error:
+            parser.error(str(error))
     model = args.model or tiny_model(tempfile.mkdtemp(prefix="moeray-long-decode-"))
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2, namespace=NAMESPACE)
+    ensure_ray(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2)
     graph = ActorGraph.create(
         ClusterSpec(model=model, name="bench-long-decode", routers=1, expert_actors=2, cpus_per_actor=0.5)
     )

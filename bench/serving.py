@@ -19,7 +19,7 @@ import time
 
 import ray
 
-from cluster.graph import NAMESPACE, ActorGraph
+from cluster.graph import ActorGraph, ensure_ray
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.sampling import SamplingParams
@@ -122,11 +122,16 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
     arguments = parser.parse_args()
-    if arguments.model is None:
+    if arguments.model is not None:
+        try:
+            DeepseekV2Config.from_pretrained(arguments.model)
+        except FileNotFoundError as error:
+            parser.error(str(error))
+    else:
         arguments.model = tempfile.mkdtemp(prefix="moeray-bench-")
         config = DeepseekV2Config.preset("tiny", initializer_range=0.1)
         DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(arguments.model)
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE)
+    ensure_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2)
     try:
         asyncio.run(main(arguments))
     finally:

@@ -1,10 +1,12 @@
 """Training throughput: tokens/s of the same optimizer steps through the actor graph vs in one process.
 
-    python -m bench.train [--config jobs/configs/arith-tiny.yaml] [--steps 20] [--expert-actors 2]
+    python -m bench.train [--config jobs/configs/arith-tiny.yaml] [--steps 20] [--rounds 4] [--expert-actors 2]
 
 Prints JSON lines: one per one-process run (torch threads 1 and the machine's cores), one for the actor
 graph (embedded Ray, or RAY_ADDRESS), then the ratio graph / best one-process run. Same model, same
-batches, same seeds; the first `--warmup` steps are not timed.
+batches, same seeds; the first `--warmup` steps are not timed. The timed steps run in `--rounds`
+alternating rounds (each run takes its next steps in turn), so that a change in the machine's load
+falls on every run alike rather than on whichever happened to be running.
 """
 
 from __future__ import annotations
@@ -14,22 +16,42 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-def measure(trainer, batches, warmup: int, lr: float) -> dict:
-    for step, (ids, labels) in enumerate(batches[:warmup]):
-        trainer.step(step, ids, labels, lr)
-    tokens, losses = 0, []
-    start = time.perf_counter()
-    for step, (ids, labels) in enumerate(batches[warmup:], start=warmup):
-        losses.append(trainer.step(step, ids, labels, lr)["loss"])
-        tokens += ids.numel()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds / (len(batches) - warmup), 4),
-            "timed_steps": len(batches) - warmup, "last_loss": losses[-1]}
+@dataclass
+class Run:
+    """One trainer stepping through the shared batches, a round at a time."""
+
+    result: dict
+    trainer: object
+    torch_threads: int
+    next_step: int = 0
+    timed_steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    last_loss: float = float("nan")
+
+    def steps(self, batches: list, count: int, lr: float, timed: bool) -> None:
+        torch.set_num_threads(self.torch_threads)
+        taken = range(self.next_step, self.next_step + count)
+        start = time.perf_counter()
+        for step in taken:
+            ids, labels = batches[step]
+            self.last_loss = self.trainer.step(step, ids, labels, lr)["loss"]
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.timed_steps += count
+            self.tokens += sum(batches[step][0].numel() for step in taken)
+        self.next_step += count
+
+    def summary(self) -> dict:
+        return {**self.result, "tokens_per_s": round(self.tokens / self.seconds, 1),
+                "step_s": round(self.seconds / self.timed_steps, 4), "timed_steps": self.timed_steps,
+                "last_loss": self.last_loss}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,54 +59,59 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/arith-tiny.yaml")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=4, help="the timed steps in this many alternating rounds")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--expert-actors", type=int, default=2)
     parser.add_argument("--routers", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from jobs.config import load_config
+    from jobs.config import load_config_or_exit
     from jobs.data import TrainingData
     from jobs.sft import write_init
     from jobs.trainer import GraphTrainer, LocalTrainer
+    from model import DeepseekV2ForCausalLM
     from model.tokenizer import ChatTokenizer
 
-    config = load_config(args.config, args.set)
+    config = load_config_or_exit(parser.prog, args.config, args.set)
     lr = config.schedule.lr
+    per_round = -(-args.steps // args.rounds)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         folder = write_init(config.model_copy(update={"run_dir": tmp}), Path(tmp) / "init")
         data = TrainingData(config.data, ChatTokenizer.from_pretrained(folder), config.seq_len, config.seed)
         stream = data.batches(config.batch_size)
-        batches = [next(stream)[:2] for _ in range(args.warmup + args.steps)]
-        n_params = sum(t.numel() for t in __import__("model").DeepseekV2ForCausalLM.from_pretrained(folder).state_dict().values())
+        batches = [next(stream)[:2] for _ in range(args.warmup + per_round * args.rounds)]
+        n_params = sum(t.numel() for t in DeepseekV2ForCausalLM.from_pretrained(folder).state_dict().values())
         common = {"model_params": n_params, "batch_rows": config.batch_size, "seq_len": config.seq_len}
 
-        results = []
         cores = os.cpu_count() or 1
-        for threads in sorted({1, cores}):
-            torch.set_num_threads(threads)
-            local = LocalTrainer(config.model_copy(update={"expert_actors": 0, "routers": 1}), folder)
-            result = {"mode": "one_process", "torch_threads": threads, **common, **measure(local, batches, args.warmup, lr)}
-            results.append(result)
-            print(json.dumps(result), flush=True)
-        torch.set_num_threads(1)
-
+        local_config = config.model_copy(update={"expert_actors": 0, "routers": 1})
+        runs = [Run({"mode": "one_process", "torch_threads": threads, **common}, LocalTrainer(local_config, folder), threads)
+                for threads in sorted({1, cores})]  # fmt: skip
         graph_config = config.model_copy(update={"expert_actors": args.expert_actors, "routers": args.routers})
         graph = GraphTrainer(graph_config, folder, name="bench-train")
+        runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
+                         "cpu_threads_per_actor": graph_config.cpu_threads_per_actor, **common}, graph, 1))  # fmt: skip
         try:
-            result = {"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
-                      "cpu_threads_per_actor": graph_config.cpu_threads_per_actor, **common,
-                      **measure(graph, batches, args.warmup, lr)}
+            for run in runs:
+                run.steps(batches, args.warmup, lr, timed=False)
+            for _ in range(args.rounds):
+                for run in runs:
+                    run.steps(batches, per_round, lr, timed=True)
         finally:
             graph.close()
-        print(json.dumps(result), flush=True)
-        best = max(results, key=lambda r: r["tokens_per_s"])
+        results = [run.summary() for run in runs]
+        for result in results:
+            print(json.dumps(result), flush=True)
+        graph_result, local = results[-1], results[:-1]
+        best = max(local, key=lambda r: r["tokens_per_s"])
         print(json.dumps({
-            "ratio_graph_vs_one_process": round(result["tokens_per_s"] / best["tokens_per_s"], 3),
+            "ratio_graph_vs_one_process": round(graph_result["tokens_per_s"] / best["tokens_per_s"], 3),
             "one_process_torch_threads": best["torch_threads"],
-            "same_last_loss": abs(result["last_loss"] - results[0]["last_loss"]) < 1e-5,
+            "same_last_loss": abs(graph_result["last_loss"] - local[0]["last_loss"]) < 1e-5,
+            "rounds": args.rounds,
             "cores": cores,
-            "load_average": os.getloadavg()[0],
+            "load_average": os.getloadavg(),
         }), flush=True)
 
 

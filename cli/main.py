@@ -42,7 +42,10 @@ def cmd_init(args: argparse.Namespace) -> None:
     from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
     config = DeepseekV2Config.preset(args.preset)
-    DeepseekV2ForCausalLM(config).init_weights(seed=args.seed).save_pretrained(args.out)
+    try:
+        DeepseekV2ForCausalLM(config).init_weights(seed=args.seed).save_pretrained(args.out)
+    except OSError as error:  # --out cannot be written
+        raise CliError(str(error)) from None
     print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
 
 
@@ -120,10 +123,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                   args.api_key or [], args.name, args.served_model_name)
 
 
-def cmd_quickstart(args: argparse.Namespace) -> None:
-    from serving.launch import quickstart
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
 
-    quickstart(_model_dir(args.model) if args.model else None, args.expert_actors, args.max_tokens)
+    return quickstart(_model_dir(args.model) if args.model else None, args.expert_actors, args.max_tokens)
 
 
 # Commands whose module parses its own arguments: (command words) -> (module with main(argv), help).
@@ -203,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CliError as error:
         print(f"moeray: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # SIGINT or SIGTERM; what the command started is already taken down
+        print("moeray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from actors.placement import Placement
 from actors.router import RouterActor
 from model import DeepseekV2Config
 
+from .ray_logs import expected_record_silenced
 from .spec import ClusterSpec
 
 NAMESPACE = "moeray"
@@ -47,30 +46,14 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     default (which warns about it); setting RAY_AUTH_MODE yourself overrides the choice."""
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray read its configuration (the auth mode with it) when it was imported: without reading it
+        # again this process would talk to its own cluster without the token the cluster requires.
+        ray._raylet.Config.initialize("")
     ray.init(namespace=NAMESPACE, **init_kwargs)
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
-
-
-class _RemovingTheGroupEndsTheGraph(logging.Filter):
-    """Graph actors are detached when serving (they outlive the driver), restartable (a crashed expert
-    comes back) and placed in a placement group (their resources, rescheduled when a node is lost).
-    Ray warns that removing the group kills them for good: that is exactly what `teardown` does."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "restartable detached actor with a placement group" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _expected_placement_group_warning_silenced():
-    ray_actor_logger, quiet = logging.getLogger("ray.actor"), _RemovingTheGroupEndsTheGraph()
-    ray_actor_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        ray_actor_logger.removeFilter(quiet)
 
 
 @dataclass
@@ -95,13 +78,16 @@ class ActorGraph:
             spec = spec.model_copy(update={"cpus_per_actor": math.floor(cpus * 100) / 100})
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
-            [bundle] * spec.expert_actors + [{"CPU": spec.cpus_per_actor}] * spec.routers,
+            [bundle] * (spec.expert_actors + spec.routers),  # routers own a device too (dense weights, cache)
             strategy=spec.placement_strategy,
             name=f"{spec.name}-graph",
             lifetime="detached" if spec.detached else None,
         )
         ray.get(group.ready(), timeout=READY_TIMEOUT_S)
-        with _expected_placement_group_warning_silenced():
+        # Graph actors are detached when serving (they outlive the driver), restartable (a crashed expert
+        # comes back) and placed in a placement group (their resources, rescheduled when a node is lost).
+        # Ray warns that removing the group kills them for good: that is exactly what `teardown` does.
+        with expected_record_silenced("ray.actor", "restartable detached actor with a placement group"):
             experts, routers = cls._start_actors(spec, group, bundle, placement)
         return cls(spec, routers, experts, placement, group)
 
@@ -124,19 +110,27 @@ class ActorGraph:
         experts = [
             ray.remote(ExpertActor)
             .options(**options(expert_name(spec.name, i), i, bundle))
-            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor)
+            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor, spec.dtype)
             for i in range(spec.expert_actors)
         ]
         ray.get([e.ready.remote() for e in experts], timeout=READY_TIMEOUT_S)
         expert_names = [expert_name(spec.name, i) for i in range(spec.expert_actors)]
         routers = [
             ray.remote(RouterActor)
-            .options(**options(router_name(spec.name, r), spec.expert_actors + r, {"CPU": spec.cpus_per_actor}))
+            .options(**options(router_name(spec.name, r), spec.expert_actors + r, bundle))
             .remote(spec.model, r, expert_names, NAMESPACE, placement, spec.router_settings(), spec.model_dump())
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)
         return experts, routers
+
+    def init_data_parallel(self) -> None:
+        """For training: join the routers into one torch.distributed group (the data-parallel ranks,
+        which average their dense gradients among themselves); rank 0 picks where they meet."""
+        address = ray.get(self.routers[0].rendezvous_address.remote())
+        world = len(self.routers)
+        ray.get([router.init_data_parallel.remote(rank, world, address) for rank, router in enumerate(self.routers)],
+                timeout=READY_TIMEOUT_S)  # fmt: skip
 
     @classmethod
     def find(cls, name: str = "moeray") -> "ActorGraph":

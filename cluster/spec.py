@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from actors.devices import ComputeDtype
 from actors.router import RouterSettings
 from actors.transports import TransportSettings, transport_names
 
@@ -23,6 +24,7 @@ class ClusterSpec(BaseModel):
         "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
     )
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
+    dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     transport: str = Field("objectstore", description="a registered transport (actors/transports)")
     compiled_timeout_s: float = Field(
@@ -50,5 +52,6 @@ class ClusterSpec(BaseModel):
             transport=self.transport,
             transport_settings=TransportSettings(timeout_s=self.compiled_timeout_s),
             cpu_threads=self.cpu_threads_per_actor,
+            dtype=self.dtype,
             extra_copies=self.extra_copies,
         )

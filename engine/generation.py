@@ -10,12 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from actors.block_manager import CacheError, CacheTooSmall, SessionNotFound
+from actors.block_manager import CacheError, CacheTooSmall, SessionBusy, SessionNotFound
 from model.sampling import SamplingParams
 
 __all__ = [
-    "GenerationRequest", "TokenEvent", "Usage", "EngineBatch", "EngineError", "Overloaded", "PromptTooLong",
-    "EngineFailure", "CacheError", "SessionNotFound", "CacheTooSmall", "remote_cause",
+    "GenerationRequest", "TokenEvent", "Usage", "EngineBatch", "EngineError", "Overloaded", "RateLimited",
+    "PromptTooLong", "EngineFailure", "EngineUnavailable", "CacheError", "SessionNotFound", "SessionBusy",
+    "CacheTooSmall", "remote_cause",
 ]
 
 
@@ -59,11 +60,27 @@ class EngineBatch(BaseModel):
 
 
 class EngineError(Exception):
-    """The request cannot be served as it is."""
+    """The request cannot be served as it is. `retry_after_s`: when a retry may succeed (None = the
+    request itself must change)."""
+
+    retry_after_s: float | None = None
 
 
 class Overloaded(EngineError):
     """Too many requests are waiting, or the cache is full with nothing running; try again later."""
+
+    retry_after_s = 1.0
+
+
+class RateLimited(Overloaded):
+    """This owner (API key) sends requests faster, or keeps more of them running, than it may."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return RateLimited, (str(self), self.retry_after_s)
 
 
 class PromptTooLong(EngineError):
@@ -79,7 +96,17 @@ class EngineFailure(EngineError):
     """A step failed on the server side: never the client's fault."""
 
 
+class EngineUnavailable(EngineError):
+    """A part of the actor graph went away (a router or the cache manager restarted) while the request
+    ran, or the engine cannot be reached: the request may be sent again."""
+
+    retry_after_s = 1.0
+
+
 def remote_cause(error: BaseException) -> BaseException:
     """The exception as its actor raised it: Ray delivers it wrapped in a RayTaskError that is also an
-    instance of the original class, with the remote traceback in its message."""
-    return getattr(error, "cause", None) or error
+    instance of the original class, with the remote traceback in its message; once per actor it crossed
+    (the cache manager re-raises what a router raised)."""
+    while (cause := getattr(error, "cause", None)) is not None and cause is not error:
+        error = cause
+    return error

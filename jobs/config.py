@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.training import AdamWSettings
 
@@ -108,6 +108,8 @@ class RunConfig(BaseModel):
     # Checkpoints, logs, export.
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0, description="times the run resumes from its newest checkpoint when a "
+                              "process of its graph dies")
     progress: bool = True
     plot: bool = True
     export_dir: str | None = Field(None, description="also write the final model (HF folder + tokenizer) here")
@@ -129,6 +131,14 @@ class RunConfig(BaseModel):
         """The synthetic arithmetic task this run trains on, if any (saved next to the model)."""
         return None
 
+    def check_files(self) -> None:
+        """The files the config names exist, before any work starts (a ConfigError if not)."""
+        init, tokenizer = self.model.init, self.model.tokenizer
+        if init is not None and not (Path(init) / "config.json").is_file():
+            raise ConfigError(f"model.init: {init} is not a model folder (no config.json)")
+        if tokenizer != "bundled" and not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise ConfigError(f"model.tokenizer: {tokenizer} has no tokenizer.json (or say 'bundled')")
+
 
 class TrainConfig(RunConfig):
     """Pretraining / SFT (jobs.sft)."""
@@ -147,8 +157,19 @@ class TrainConfig(RunConfig):
     def arith_task(self) -> ArithConfig | None:
         return self.data.arith if self.data.source == "arith" else None
 
+    def check_files(self) -> None:
+        super().check_files()
+        if self.data.source == "file" and self.data.path is None:
+            raise ConfigError("data.path: required when data.source is 'file'")
+        if self.data.source == "file" and not Path(self.data.path).exists():
+            raise ConfigError(f"data.path: {self.data.path} does not exist")
+
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
+
+class ConfigError(ValueError):
+    """What is wrong with a job config, in one line that names the key."""
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -156,21 +177,66 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         data = data.setdefault(key, {})
         if not isinstance(data, dict):
-            raise ValueError(f"cannot set {dotted}: {key} is not a mapping")
+            raise ConfigError(f"cannot set {dotted}: {key} is not a mapping")
     data[keys[-1]] = value
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(error)}") from None
+    if not isinstance(data, dict | None):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, not a {type(data).__name__}")
+    return data or {}
+
+
+def _validation_message(error: ValidationError) -> str:
+    """The first problem as `key: what is wrong (got value)`, and how many more there are."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    got = "" if first["type"] in ("extra_forbidden", "missing") or not first["loc"] else f" (got {first['input']!r:.80})"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return _one_line(f"{key}: {what}{got}{more}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[ConfigT] = TrainConfig) -> ConfigT:
-    """YAML file, then `key.sub=value` overrides (values parsed as YAML), validated by `schema`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML), validated by `schema`, the
+    files it names checked. Any problem is a ConfigError."""
+    data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(value))
-    return schema.model_validate(data)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key.strip()}: the value {value!r} is not valid YAML: {_one_line(error)}") from None
+        _set_path(data, key.strip(), parsed)
+    try:
+        config = schema.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_validation_message(error)) from None
+    config.check_files()
+    return config
+
+
+def load_config_or_exit(
+    prog: str, path: str | Path | None, overrides: list[str] = (), schema: type[ConfigT] = TrainConfig
+) -> ConfigT:
+    """`load_config` for a command line: any problem ends the process with one line that names it."""
+    try:
+        return load_config(path, overrides, schema)
+    except (OSError, ConfigError) as error:
+        raise SystemExit(f"{prog}: error: {_one_line(error)}") from None
 
 
 # The command-line flags every job takes besides --set: flag -> config key.
@@ -192,13 +258,9 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, schema: type[ConfigT]) -> ConfigT:
-    """The job's config from parsed arguments; a missing file or an invalid key exits with one line."""
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, schema: type[ConfigT]) -> ConfigT:
+    """The job's config from its parsed arguments; any problem ends the process with one line."""
     overrides = list(args.set) + [
         f"{key}={getattr(args, key)}" for key in SHORTCUT_FLAGS.values() if getattr(args, key) is not None
     ]
-    try:
-        return load_config(args.config, overrides, schema)
-    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
-        lines = str(error).strip().splitlines()[:3]  # pydantic: the count, the key, what is wrong with it
-        raise SystemExit(f"{args.config or 'config'}: {' '.join(line.strip() for line in lines)}") from None
+    return load_config_or_exit(parser.prog, args.config, overrides, schema)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from torch import Tensor
 
 from model.tokenizer import ChatTokenizer
@@ -288,10 +288,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-operand", type=int, default=99)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
-    config = ArithConfig(max_operand=args.max_operand, seed=args.seed)
+    try:
+        config = ArithConfig(max_operand=args.max_operand, seed=args.seed)
+    except ValidationError as error:
+        parser.error(f"--max-operand: {error.errors()[0]['msg']}")
     for split in ("train", "heldout"):
         path = Path(args.out) / f"{split}.{args.format}"
-        write_records(arith_records(config, split), path)
+        try:
+            write_records(arith_records(config, split), path)
+        except OSError as error:  # --out is not a folder one can write to
+            parser.error(str(error))
         print(path)
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from model import DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
@@ -109,10 +110,40 @@ def evaluate_folder(
     return {**result, "seconds": round(time.perf_counter() - start, 2), "model": str(model_dir)}
 
 
+TASK_FILE = "arith_task.json"
+
+
+class TrainedTask(ArithConfig):
+    """A model folder's arith_task.json: the task it was trained on (jobs.sft writes its data's
+    ArithConfig) and what its training taught it beyond single questions."""
+
+    multi_turn: bool = Field(
+        False, description="answers the last question of a chat whose earlier questions are answered; set "
+        "by the training that teaches it (GRPO on conversations), read by `moeray quickstart`"
+    )
+
+
+def trained_task_of(model_dir: str | Path) -> TrainedTask | None:
+    """The task description saved next to the model, or None for a model trained on no such task."""
+    path = Path(model_dir) / TASK_FILE
+    return TrainedTask.model_validate_json(path.read_text()) if path.exists() else None
+
+
 def arith_config_of(model_dir: str | Path) -> ArithConfig:
     """The task settings the model was trained with (saved next to it by jobs.sft), else defaults."""
-    path = Path(model_dir) / "arith_task.json"
-    return ArithConfig.model_validate_json(path.read_text()) if path.exists() else ArithConfig()
+    return trained_task_of(model_dir) or ArithConfig()
+
+
+def parse_turns(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """--turns MIN-MAX (or N) as (min, max), or a one-line usage error."""
+    try:
+        low, _, high = text.partition("-")
+        turns = (int(low), int(high or low))
+    except ValueError:
+        parser.error(f"--turns: expected MIN-MAX (e.g. 2-4), got {text!r}")
+    if not 1 <= turns[0] <= turns[1]:
+        parser.error(f"--turns: need 1 <= MIN <= MAX, got {text!r}")
+    return turns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    turns = tuple(int(t) for t in args.turns.split("-")) if args.turns else None
-    result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens, turns=turns)
+    turns = parse_turns(parser, args.turns) if args.turns else None
+    try:
+        result = evaluate_folder(args.model, n=args.n, max_new_tokens=args.max_new_tokens, turns=turns)
+    except FileNotFoundError as error:  # no model folder, or one without a tokenizer
+        parser.error(str(error))
     if args.json:
         print(json.dumps(result))
     else:

@@ -39,7 +39,8 @@ from .grpo_config import GRPOConfig
 from .policy import GraphPolicy, Policy, policy_metrics
 from .rewards import Completion, Rewards
 from .rollouts import RolloutSample, Rollouts
-from .sft import MetricsLog, Start, find_start, prepare_run_dir
+from .progress import Progress
+from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors
 from .trainer import GraphTrainer, export_model, restore_training_state, save_checkpoint, step_seed
 
 METRICS_FILE = "metrics.jsonl"
@@ -258,11 +259,7 @@ def run_steps(config: GRPOConfig, start: Start, run_dir: Path, policy: Policy, r
               rewards: Rewards, tokenizer: ChatTokenizer, metrics: MetricsLog) -> dict[str, Any]:
     """GRPO steps from start.step to config.steps; a checkpoint every checkpoint_every, a live
     evaluation every eval.every (and before the first step of a fresh run)."""
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=start.step, desc="grpo", file=sys.stderr, dynamic_ncols=True)
+    progress = Progress("jobs.grpo", config.steps, start.step) if config.progress else None
     if config.eval.every and start.step == 0:
         metrics.write({"step": 0, **evaluate_live(config, rollouts, tokenizer)})
     started = time.perf_counter()
@@ -275,8 +272,7 @@ def run_steps(config: GRPOConfig, start: Start, run_dir: Path, policy: Policy, r
             record.update(evaluate_live(config, rollouts, tokenizer))
         metrics.write(record)
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}", refresh=False)
+            progress.update(step + 1, reward=record["reward_mean"], kl=record["kl"])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             write_reference = policy.save_reference if policy.has_reference else None
             last_checkpoint = save_checkpoint(policy.trainer, run_dir, step + 1, (step + 1) * config.prompts_per_step,
@@ -315,28 +311,35 @@ def evaluate_and_export(config: GRPOConfig, run_dir: Path, result: dict[str, Any
 
 
 def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
+    graph dies, up to config.max_failures times."""
     run_dir = prepare_run_dir(config, resume, overwrite)
     start = find_start(config, run_dir, resume)
     tokenizer = ChatTokenizer.from_pretrained(start.tokenizer_dir)
     rewards = Rewards(config.rewards)
-    trainer = GraphTrainer(config, start.model_dir)
-    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
-    rollouts = None
-    try:
-        policy = GraphPolicy(trainer, config.grpo)
-        if start.checkpoint is not None:
-            restore_training_state(trainer, start.checkpoint)
-            if policy.has_reference:
-                policy.load_reference(start.checkpoint)
-        rollouts = Rollouts(trainer.graph, config.engine, [tokenizer.eos_token_id])
-        result = {"run_dir": str(run_dir), **run_steps(config, start, run_dir, policy, rollouts, rewards, tokenizer, metrics)}
-    finally:
-        metrics.close()
-        if rollouts is not None:
-            rollouts.close()
-        trainer.close()
-    if config.plot:
-        plot(metrics.records, run_dir / PLOT_FILE)
+
+    def attempt(start: Start) -> dict[str, Any]:
+        trainer = GraphTrainer(config, start.model_dir)
+        metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
+        rollouts = None
+        try:
+            policy = GraphPolicy(trainer, config.grpo)
+            if start.checkpoint is not None:
+                restore_training_state(trainer, start.checkpoint)
+                if policy.has_reference:
+                    policy.load_reference(start.checkpoint)
+            rollouts = Rollouts(trainer.graph, config.engine, [tokenizer.eos_token_id])
+            result = run_steps(config, start, run_dir, policy, rollouts, rewards, tokenizer, metrics)
+        finally:
+            metrics.close()
+            if rollouts is not None:
+                rollouts.close()
+            trainer.close()
+        if config.plot:
+            plot(metrics.records, run_dir / PLOT_FILE)
+        return {"run_dir": str(run_dir), **result}
+
+    result = resume_on_lost_actors(config, run_dir, start, attempt, log)
     evaluate_and_export(config, run_dir, result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -344,8 +347,9 @@ def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    args = job_parser("python -m jobs.grpo", "GRPO on the actor graph (rollouts by the serving engine)").parse_args(argv)
-    config = config_from_args(args, GRPOConfig)
+    parser = job_parser("python -m jobs.grpo", "GRPO on the actor graph (rollouts by the serving engine)")
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args, GRPOConfig)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

@@ -9,6 +9,7 @@ from model.grpo import GRPOSettings
 
 from .config import RunConfig, Schedule
 from .data import ArithConfig
+from .eval_arith import TrainedTask
 from .rewards import RewardSpec
 
 
@@ -102,5 +103,7 @@ class GRPOConfig(RunConfig):
             raise ValueError("GRPO starts from a model: set model.init to a chat model folder")
         return self
 
-    def arith_task(self) -> ArithConfig:
-        return self.task.arith
+    def arith_task(self) -> TrainedTask:
+        """The task, saved next to the model: conversations are what GRPO teaches (`moeray quickstart`
+        then asks a follow-up)."""
+        return TrainedTask(**self.task.arith.model_dump(), multi_turn=True)

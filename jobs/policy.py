@@ -1,9 +1,10 @@
 """The GRPO update over a trainer's parameters: on the actor graph (`GraphPolicy`) or in one process
 (`LocalPolicy`, the reference the graph is tested against).
 
-The policy is the trainer's model, updated in place: routers run `model.grpo.policy_backward` on
-their share of the outputs, the expert backward accumulates into the expert actors, and the trainer's
-`apply_gradients` (the same clip and AdamW step as SFT's) steps every owner. The reference π_ref
+The policy is the trainer's model, updated in place: each router runs `model.grpo.policy_backward` on
+its share of the outputs (the expert backward accumulates into the expert actors) and then the update
+every SFT step takes (gradients averaged over the routers, clip to the global norm, AdamW on every
+owner; `RouterActor._update`, or `LocalTrainer.apply_gradients` in one process). The reference π_ref
 (β > 0) is a frozen copy held by the same owners (`model.training.ReferenceWeights`) and swapped in
 place for a reference forward, so reference log-probs take the policy's own path through the graph.
 A checkpoint keeps the reference in `reference/` (it differs from the policy after the first update).
@@ -17,7 +18,7 @@ import torch
 
 from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
 from model.checkpoint import SINGLE_FILE
-from model.training import ReferenceWeights
+from model.training import OptimizerUpdate, ReferenceWeights
 
 from .trainer import DENSE_FILE, GraphTrainer, LocalTrainer, expert_file, step_seed
 
@@ -62,16 +63,15 @@ class GraphPolicy(Policy):
             self.ray.get([owner.configure_reference.remote() for owner in self.owners])
 
     def update(self, step: int, batch: PolicyBatch, lr: float) -> tuple[list[PolicyParts], float]:
-        routers = self.trainer.routers
+        routers, config = self.trainer.routers, self.trainer.config
         shards = torch.arange(len(batch.input_ids)).tensor_split(len(routers))
         output_weight = len(routers) / len(batch.input_ids)  # the ranks' mean gradient is the outputs' mean
+        update = OptimizerUpdate(lr=lr, grad_clip=config.grad_clip)
         parts: list[PolicyParts] = self.ray.get([
-            router.policy_backward.remote(
-                batch.rows(rows), self.settings, output_weight, step_seed(self.trainer.config.seed, step, rank)
-            )
+            router.policy_step.remote(batch.rows(rows), self.settings, output_weight, step_seed(config.seed, step, rank), update)
             for rank, (router, rows) in enumerate(zip(routers, shards))
         ])
-        return parts, self.trainer.apply_gradients(lr, [p.dense_grad_sq for p in parts])
+        return parts, parts[0].grad_norm
 
     def reference_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Every owner swaps the reference in, the routers compute, every owner swaps the policy back."""
@@ -112,7 +112,7 @@ class LocalPolicy(Policy):
         config = self.trainer.config
         seed = step_seed(config.seed, step, 0)
         parts = policy_backward(self.trainer.model, batch, self.settings, 1.0 / len(batch.input_ids), seed, config.dtype)
-        return [parts], self.trainer.apply_gradients(lr, [])
+        return [parts], self.trainer.apply_gradients(lr)
 
     def reference_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.reference.use(True)

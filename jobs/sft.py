@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -30,6 +30,7 @@ from model.tokenizer import ChatTokenizer
 
 from .config import RunConfig, TrainConfig, config_from_args, job_parser
 from .data import TrainingData
+from .progress import Progress
 from .trainer import (
     STATE_FILE,
     Trainer,
@@ -37,6 +38,7 @@ from .trainer import (
     export_model,
     latest_checkpoint,
     list_checkpoints,
+    lost_an_actor,
     make_trainer,
     restore_training_state,
     save_checkpoint,
@@ -222,11 +224,7 @@ def run_steps(
     metrics: MetricsLog,
 ) -> dict[str, Any]:
     """The optimizer steps from start.step to config.steps, a checkpoint every checkpoint_every."""
-    progress = None
-    if config.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=start.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+    progress = Progress("jobs.sft", config.steps, start.step) if config.progress else None
     started = time.perf_counter()
     trained_tokens = 0
     last_checkpoint = start.checkpoint
@@ -240,8 +238,7 @@ def run_steps(
         record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
         metrics.write(record)
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            progress.update(step + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.tokenizer_dir)
             if config.plot:
@@ -280,29 +277,51 @@ def evaluate_and_export(config: TrainConfig, run_dir: Path, result: dict[str, An
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
+    graph dies, up to config.max_failures times."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     run_dir = prepare_run_dir(config, resume, overwrite)
     start = find_start(config, run_dir, resume)
-    tokenizer = ChatTokenizer.from_pretrained(start.model_dir)
-    data = TrainingData(config.data, tokenizer, config.seq_len, config.seed)
-    batches = data.batches(config.batch_size, start.data_position)
+    data = TrainingData(config.data, ChatTokenizer.from_pretrained(start.model_dir), config.seq_len, config.seed)
 
-    trainer = make_trainer(config, start.model_dir)
-    metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
-    try:
-        if start.checkpoint is not None:
-            restore_training_state(trainer, start.checkpoint)
-        result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
-    finally:
-        metrics.close()
-        trainer.close()
+    def attempt(start: Start) -> dict[str, Any]:
+        trainer = make_trainer(config, start.model_dir)
+        metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
+        try:
+            if start.checkpoint is not None:
+                restore_training_state(trainer, start.checkpoint)
+            batches = data.batches(config.batch_size, start.data_position)
+            result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
+        finally:
+            metrics.close()
+            trainer.close()
+        if config.plot:
+            plot(metrics.records, run_dir / PLOT_FILE)
+        return result
 
-    if config.plot:
-        plot(metrics.records, run_dir / PLOT_FILE)
+    result = resume_on_lost_actors(config, run_dir, start, attempt, log)
     evaluate_and_export(config, run_dir, result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def resume_on_lost_actors(
+    config: RunConfig, run_dir: Path, start: Start, attempt: Callable[[Start], dict[str, Any]], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """attempt(start); when a process of its graph dies, again from the newest complete checkpoint (on
+    a new graph), up to config.max_failures times. The result says how many failures it survived."""
+    failures = 0
+    while True:
+        try:
+            return {**attempt(start), "failures": failures}
+        except Exception as error:
+            if not lost_an_actor(error) or failures >= config.max_failures:
+                raise
+            failures += 1
+            log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
+                f"complete checkpoint (failure {failures} of at most {config.max_failures})")
+            start = find_start(config, run_dir, resume=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args, TrainConfig)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args, TrainConfig)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

@@ -1,13 +1,15 @@
 """One optimizer step and checkpoints, on the actor graph (`GraphTrainer`) or in one process
 (`LocalTrainer`, the reference and the fallback when there is no Ray).
 
-A graph step (routers are data-parallel ranks, expert actors own their experts' gradients and AdamW):
-1. each router runs forward + backward of its rows (`RouterActor.train_step`); the backward sends the
-   expert gradients to the expert actors, which accumulate them (a sum over ranks);
-2. with several routers the driver fetches their dense gradients, averages them and sends the mean
-   back (fine for small models; a collective all-reduce is the scalable version);
+A graph step is one call per router (`RouterActor.train_step`: routers are data-parallel ranks, expert
+actors own their experts' gradients and AdamW), and the driver sends nothing else:
+1. each router runs forward + backward of its rows; the backward sends the expert gradients to the
+   expert actors, which accumulate them (a sum over ranks);
+2. the routers average their dense gradients with an all-reduce (torch.distributed, set up by
+   `ActorGraph.init_data_parallel`);
 3. global norm = sqrt(dense norm² + Σ actors' expert norm² / ranks²), clip scale = min(1, clip / norm);
-4. routers step their dense AdamW with that scale, expert actors with scale / ranks (the mean over ranks).
+4. routers step their dense AdamW with that scale, and each router steps its share of the expert actors
+   with scale / ranks (the mean over ranks).
 Every owner steps with the same `model.training.NamedAdamW`; the one-process trainer holds two of them
 (dense, experts), so its step and its checkpoints are the graph's with one rank and one expert actor.
 
@@ -32,11 +34,13 @@ from typing import Any, Callable
 import torch
 
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.checkpoint import fsync, write_index, write_json_atomic, write_shard
+from model.checkpoint import fsync, read_torch_file, write_index, write_json_atomic, write_shard
 from model.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from model.training import (
     NamedAdamW,
+    OptimizerUpdate,
     StepParts,
+    clip_scale,
     dense_parameters,
     dense_state_dict,
     is_routed_expert,
@@ -74,13 +78,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1024 + rank
 
 
-def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
-    """torch.nn.utils.clip_grad_norm_'s coefficient."""
-    if grad_clip is None:
-        return 1.0
-    return min(1.0, grad_clip / (grad_norm + 1e-6))
-
-
 def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
     """Loss parts of the ranks -> the global batch's loss (token-mean CE + mean balance losses)."""
     ce = sum(p.ce_sum for p in parts) / max(n_learned, 1)
@@ -97,6 +94,7 @@ def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
         "tokens": sum(p.tokens for p in parts),
         "learned_tokens": n_learned,
         "expert_load": {str(layer): counts for layer, counts in sorted(load.items())},
+        "grad_norm": parts[0].grad_norm,  # every rank computed the same global norm
     }
 
 
@@ -159,7 +157,7 @@ def save_rng_states(path: Path, router_states: list[torch.Tensor]) -> None:
 
 def load_rng_states(path: Path) -> list[torch.Tensor]:
     """Restore the driver's RNG states; returns the routers' (by rank)."""
-    states = torch.load(path, map_location="cpu", weights_only=True)
+    states = read_torch_file(path)
     torch.set_rng_state(states["driver.torch"])
     gauss = states["driver.python_gauss"].tolist()
     random.setstate((random.Random.VERSION, tuple(states["driver.python"].tolist()), gauss[0] if gauss else None))
@@ -177,11 +175,6 @@ class Trainer:
     model_config: DeepseekV2Config
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
-        """After the backward of a step (SFT's, GRPO's): clip to the global gradient norm, step every
-        owner of parameters, zero the gradients; returns the norm."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
@@ -220,11 +213,11 @@ class LocalTrainer(Trainer):
         n_learned = learned_tokens(labels)
         seed = step_seed(self.config.seed, step, 0)
         parts = next_token_backward(self.model, input_ids, labels, 1.0 / max(n_learned, 1), seed, self.config.dtype)
-        grad_norm = self.apply_gradients(lr, [])
-        return {**combine_parts([parts], n_learned), "grad_norm": grad_norm}
+        return combine_parts([parts.model_copy(update={"grad_norm": self.apply_gradients(lr)})], n_learned)
 
-    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
-        """Clip to the global norm and step both optimizers (this process reads its own norms)."""
+    def apply_gradients(self, lr: float) -> float:
+        """The optimizer step after a backward, whatever the loss (SFT's, GRPO's): clip to the global
+        norm, step both optimizers as a router and an expert actor step theirs; returns the norm."""
         grad_norm = math.sqrt(sum(owner.grad_sq_norm() for owner in self.owners))
         scale = clip_scale(grad_norm, self.config.grad_clip)
         for owner in self.owners:
@@ -269,41 +262,21 @@ class GraphTrainer(Trainer):
             max_task_retries=0,
         )
         self.graph = ActorGraph.create(spec)
+        self.graph.init_data_parallel()
         self.routers, self.experts = self.graph.routers, self.graph.experts
         settings = config.adamw()
         ray.get([owner.configure_training.remote(settings, config.dtype) for owner in [*self.routers, *self.experts]])
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
-        ray, ranks = self.ray, len(self.routers)
+        ranks = len(self.routers)
         n_learned = learned_tokens(labels)
         ce_weight = ranks / max(n_learned, 1)
-        parts: list[StepParts] = ray.get([
-            router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank))
+        update = OptimizerUpdate(lr=lr, grad_clip=self.config.grad_clip)
+        parts: list[StepParts] = self.ray.get([
+            router.train_step.remote(ids, lab, ce_weight, step_seed(self.config.seed, step, rank), update)
             for rank, (router, ids, lab) in enumerate(zip(self.routers, input_ids.chunk(ranks), labels.chunk(ranks)))
         ])
-        grad_norm = self.apply_gradients(lr, [p.dense_grad_sq for p in parts])
-        return {**combine_parts(parts, n_learned), "grad_norm": grad_norm}
-
-    def apply_gradients(self, lr: float, dense_grad_sq: list[float]) -> float:
-        """After every rank's backward (dense_grad_sq: each rank's dense norm² as it reported it): the
-        dense gradients averaged over ranks, the global norm clipped, every owner steps. Returns the norm."""
-        ray, ranks = self.ray, len(self.routers)
-        expert_sq_ref = [e.grad_sq_norm.remote() for e in self.experts]
-        if ranks > 1:
-            grads = ray.get([r.dense_grads.remote() for r in self.routers])
-            mean = {name: sum(g[name] for g in grads) / ranks for name in grads[0]}
-            dense_sq = float(sum(g.double().pow(2).sum() for g in mean.values()))
-            ray.get([r.set_dense_grads.remote(mean) for r in self.routers])
-        else:
-            dense_sq = dense_grad_sq[0]
-        expert_sq = sum(ray.get(expert_sq_ref)) / ranks**2
-        grad_norm = math.sqrt(dense_sq + expert_sq)
-        scale = clip_scale(grad_norm, self.config.grad_clip)
-        ray.get(
-            [r.apply_train_step.remote(lr, scale) for r in self.routers]
-            + [e.step.remote(lr, scale / ranks) for e in self.experts]
-        )
-        return grad_norm
+        return combine_parts(parts, n_learned)
 
     def save(self, directory: Path) -> None:
         ray = self.ray
@@ -336,6 +309,18 @@ class GraphTrainer(Trainer):
 
     def close(self) -> None:
         self.graph.teardown()
+
+
+def lost_an_actor(error: BaseException) -> bool:
+    """Whether a step or a checkpoint write failed because a process of the graph died (also when
+    another actor saw it die: Ray then wraps the death in that actor's task error)."""
+    import ray
+
+    while error is not None:
+        if isinstance(error, ray.exceptions.RayActorError):
+            return True
+        error = getattr(error, "cause", None)
+    return False
 
 
 def make_trainer(config: RunConfig, model_dir: Path) -> Trainer:

@@ -15,6 +15,43 @@ from .config import DeepseekV2Config
 
 
 @dataclass
+class KeySpans:
+    """Which keys each query sees: the contiguous range [start, end) of its row's keys. Causal
+    attention, a chunk over its cached prefix and a document mask are all such ranges, so a mask is
+    two integers per query and a dense one is only ever built for a block of queries at a time."""
+
+    start: Tensor  # [B, S] int64
+    end: Tensor  # [B, S] int64
+
+    @classmethod
+    def documents(cls, document_ids: Tensor) -> KeySpans:
+        """Causal within each document of a packed row: document_ids [B, S], a document being a run of
+        equal ids (its tokens consecutive)."""
+        index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+        first = torch.ones_like(document_ids, dtype=torch.bool)
+        first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        start = torch.where(first, index, 0).cummax(dim=1).values  # [B, S]: where each token's document starts
+        return cls(start, index + 1)
+
+    def repeat_queries(self, repeats: int) -> KeySpans:
+        """Each query `repeats` times in a row (queries flattened with their heads: [B, S·repeats])."""
+        return KeySpans(self.start.repeat_interleave(repeats, dim=1), self.end.repeat_interleave(repeats, dim=1))
+
+    def rows(self, queries: slice) -> KeySpans:
+        return KeySpans(self.start[:, queries], self.end[:, queries])
+
+    def window(self) -> tuple[slice, bool]:
+        """The keys these queries see between them, and whether each of them sees all of those."""
+        window = slice(int(self.start.min()), int(self.end.max()))
+        return window, int(self.start.max()) == window.start and int(self.end.min()) == window.stop
+
+    def mask(self, window: slice) -> Tensor:
+        """[B, S, window] bool over the keys of the window."""
+        keys = torch.arange(window.start, window.stop, device=self.start.device)
+        return (keys >= self.start[..., None]) & (keys < self.end[..., None])
+
+
+@dataclass
 class CacheBatch:
     """Where one forward's new tokens go, and which cached tokens they attend to.
 
@@ -36,13 +73,13 @@ class CacheBatch:
         """Keys to read per sequence (the longest sequence's length after this forward)."""
         return int(self.positions.max()) + 1
 
-    def attention_mask(self) -> Tensor | None:
-        """[B, S, T] bool: new token at position p sees cached offsets 0..p. None when that is plain
-        causal attention over the new tokens (a fresh prefill), which attention kernels do unmasked."""
+    def key_spans(self) -> KeySpans | None:
+        """New token at position p sees cached offsets 0..p. None when that is plain causal attention
+        over the new tokens (a fresh prefill), which attention kernels do unmasked."""
         keys = torch.arange(self.context_len, device=self.positions.device)
         if self.positions.shape[1] == len(keys) and bool((self.positions == keys).all()):
             return None
-        return keys[None, None, :] <= self.positions[:, :, None]
+        return KeySpans(torch.zeros_like(self.positions), self.positions + 1)
 
     def is_contiguous(self, num_blocks: int) -> bool:
         """True when sequence b owns blocks [b·n, (b+1)·n): its context is then a view, not a gather."""

@@ -3,6 +3,9 @@ shards and the one index writer of checkpoints whose owners write their own file
 
 An expert actor asks for its own experts' tensors only; `safe_open` maps the file and copies just
 those, so no process ever materialises the whole model to load a slice of it.
+
+A file that cannot be read (missing, truncated, corrupt) is a CheckpointError naming it, raised before
+anything is returned: a load is whole or nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,19 +25,55 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or corrupt; the message names it."""
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """torch.load of a file of tensors (optimizer and RNG states), or a CheckpointError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as error:  # unpickling a truncated or corrupt file raises many kinds
+        raise CheckpointError(f"{path}: not a readable torch file ({error})") from None
+
+
 def tensor_files(directory: str | Path) -> dict[str, str]:
     """Tensor name -> file name, from the index when sharded."""
     path = Path(directory)
     if (path / INDEX_FILE).exists():
-        return json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        index = read_json(path / INDEX_FILE)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
+        return index["weight_map"]
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     names: dict[str, str] = {}
     for file in files:
-        with safe_open(path / file, framework="pt") as f:
+        with _open(path / file) as f:
             names.update(dict.fromkeys(f.keys(), file))
     return names
+
+
+def _open(path: Path, device: str = "cpu"):
+    """safe_open, with the file named in any error (safetensors' own messages do not say which)."""
+    try:
+        return safe_open(path, framework="pt", device=device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as error:  # SafetensorsError and OSError: a truncated or corrupt file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def load_tensors(
@@ -42,8 +82,11 @@ def load_tensors(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, Tensor]:
-    """Read exactly `names`; a missing name is an error that says which and where."""
+    """Read exactly `names` onto `device`; a missing name is an error that says which and where.
+    safetensors reads straight onto a CPU or CUDA device; any other device gets a copy from the host."""
     path = Path(directory)
+    device = torch.device(device)
+    read_on = device if device.type in ("cpu", "cuda") else torch.device("cpu")
     where = tensor_files(path)
     wanted = set(names)
     missing = sorted(wanted - where.keys())
@@ -54,10 +97,17 @@ def load_tensors(
         by_file.setdefault(where[name], []).append(name)
     tensors: dict[str, Tensor] = {}
     for file, file_names in by_file.items():
-        with safe_open(path / file, framework="pt", device=str(device)) as f:
+        with _open(path / file, str(read_on)) as f:
+            missing = sorted(set(file_names) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path / file}: lacks {len(missing)} tensors its index names, e.g. {missing[:3]}")
             for name in file_names:
-                tensor = f.get_tensor(name)
-                tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as error:
+                    raise CheckpointError(f"{path / file}: cannot read tensor {name} ({error})") from None
+                tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                tensors[name] = tensor.to(device)
     return tensors
 
 

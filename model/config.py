@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RopeScaling(BaseModel):
@@ -162,12 +162,21 @@ class DeepseekV2Config(BaseModel):
     # ---- config.json ----------------------------------------------------------------------------
     @classmethod
     def from_json_file(cls, path: str | Path) -> "DeepseekV2Config":
-        with open(path) as f:
-            return cls.model_validate(json.load(f))
+        from .checkpoint import CheckpointError, read_json
+
+        try:
+            return cls.model_validate(read_json(Path(path)))
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            where = ".".join(map(str, first["loc"])) or "config"
+            raise CheckpointError(f"{path}: {where}: {first['msg']}") from None
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "DeepseekV2Config":
-        return cls.from_json_file(Path(directory) / "config.json")
+        path = Path(directory) / "config.json"
+        if not path.is_file():  # the one line a command shows when a user names the wrong folder
+            raise FileNotFoundError(f"{directory} is not a model folder (no config.json)")
+        return cls.from_json_file(path)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5 layout: `rope_parameters` holds rope_theta and rope_type."""

@@ -48,7 +48,8 @@ def generate(
     for rows in groups:
         ids = torch.tensor([prompts[b] for b in rows], device=device)
         positions = torch.arange(ids.shape[1], device=device).expand(len(rows), -1)
-        out = model(ids, cache=cache, cache_batch=CacheBatch(block_tables[rows], positions))
+        last = torch.tensor([ids.shape[1] - 1], device=device)  # a long prompt's logits would be S × vocab
+        out = model(ids, cache=cache, cache_batch=CacheBatch(block_tables[rows], positions), logits_at=last)
         last_logits[rows] = out.logits[:, -1].float()
 
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -110,8 +110,14 @@ class PolicyBatch(BaseModel):
 
     def rows(self, index: Tensor | slice) -> "PolicyBatch":
         """The batch of these rows (a minibatch, or a rank's shard)."""
+        return self._map(lambda tensor: tensor[index])
+
+    def to(self, device: torch.device | str) -> "PolicyBatch":
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, fn) -> "PolicyBatch":
         fields = {name: getattr(self, name) for name in type(self).model_fields}
-        return PolicyBatch(**{name: None if value is None else value[index] for name, value in fields.items()})
+        return PolicyBatch(**{name: None if value is None else fn(value) for name, value in fields.items()})
 
 
 class PolicyParts(BaseModel):
@@ -130,7 +136,7 @@ class PolicyParts(BaseModel):
     mismatched_tokens: int  # of those, tokens whose top-k set now differs in ≥ 1 MoE layer (replay off)
     balance: dict[str, float]
     logprobs: Tensor  # [N, S] log π_θ of the targets in this forward
-    dense_grad_sq: float = 0.0  # filled in by the owner of the dense optimizer
+    grad_norm: float = 0.0  # the global gradient norm before clipping, filled in by the update
 
 
 def policy_backward(
@@ -144,7 +150,7 @@ def policy_backward(
     model.train()
     try:
         with torch.enable_grad():
-            with autocast(dtype):
+            with autocast(dtype, batch.input_ids.device):
                 out = model(batch.input_ids, routing=replay)
             logits = out.logits.float()
             logprobs = token_logprobs(logits, batch.targets)
@@ -173,7 +179,7 @@ def policy_backward(
         routed_tokens=int(recorded.sum()),
         mismatched_tokens=int(mismatched.sum()),
         balance={name: float(value.detach()) for name, value in balance.items()},
-        logprobs=logprobs.detach(),
+        logprobs=logprobs.detach().cpu(),
     )
 
 
@@ -182,6 +188,6 @@ def policy_logprobs(model: DeepseekV2ForCausalLM, input_ids: Tensor, targets: Te
     """log π of each target [N, S] (0 where IGNORE_INDEX), each token routed by the gate: the
     reference's log-probs when the reference weights are in place."""
     model.eval()
-    with autocast(dtype):
+    with autocast(dtype, input_ids.device):
         logits = model(input_ids).logits
     return token_logprobs(logits, targets)

@@ -4,6 +4,11 @@ Two ways to attend, same result:
 - expanded: K and V are re-expanded from the latent with kv_b_proj (training, prefill);
 - absorbed: W_UK is folded into the query and W_UV applied after attention, so attention runs as MQA
   with one 576-wide KV head straight over the latent cache (decode).
+
+Memory stays linear in the prompt: causal attention over a fresh prompt is one fused SDPA call with
+no mask (the CPU flash kernel tiles it); anything else (a chunk over its cached prefix, a document
+mask) runs QUERY_BLOCK queries at a time over just the keys they see, so a dense mask is at most
+QUERY_BLOCK × keys, and in training it is rebuilt for backward rather than kept.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .cache import CacheBatch, LatentCache, RaggedBatch
+from .cache import CacheBatch, KeySpans, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
 from .norm import RMSNorm
 from .rope import apply_rope
+
+# Queries per masked SDPA call. SDPA turns a bool mask into a float one before its kernel runs, so a
+# block costs 5 bytes per (query, key) it spans: 256 queries over 32K keys is 40 MB.
+QUERY_BLOCK = 256
 
 
 @dataclass
@@ -28,7 +38,7 @@ class AttentionInputs:
     sin: Tensor  # [B, S, d_R/2]
     cache: LatentCache | None = None
     cache_batch: CacheBatch | RaggedBatch | None = None
-    mask: Tensor | None = None  # [B, S, T] bool; None = causal over the new tokens only
+    spans: KeySpans | None = None  # the keys each new token sees; None = causal over the new tokens
     absorb: bool = False
 
 
@@ -79,7 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
             inputs.cache.write(self.layer_idx, inputs.cache_batch, c_kv, k_rope)
             latent = inputs.cache.read(self.layer_idx, inputs.cache_batch)  # [B, T, d_c + d_R]
         attend = self._absorbed if inputs.absorb else self._expanded
-        out = attend(q_nope, q_rope, latent, inputs.mask)
+        out = attend(q_nope, q_rope, latent, inputs.spans)
         return self.o_proj(out.flatten(-2))  # [B, S, H·d_v] -> [B, S, d]
 
     def _ragged(self, q_nope: Tensor, q_rope: Tensor, inputs: AttentionInputs) -> Tensor:
@@ -93,16 +103,16 @@ class MultiHeadLatentAttention(nn.Module):
             sub = batch.sub_batch(decoding)
             latent = inputs.cache.read(self.layer_idx, sub)
             out[tokens] = self._absorbed(
-                q_nope[tokens, None], q_rope[tokens, None], latent, sub.attention_mask()
+                q_nope[tokens, None], q_rope[tokens, None], latent, sub.key_spans()
             )[:, 0]
         for i in batch.prefilling():
             tokens = slice(batch.offsets[i], batch.offsets[i + 1])
             sub = batch.sub_batch([i])
             latent = inputs.cache.read(self.layer_idx, sub)
-            out[tokens] = self._expanded(q_nope[None, tokens], q_rope[None, tokens], latent, sub.attention_mask())[0]
+            out[tokens] = self._expanded(q_nope[None, tokens], q_rope[None, tokens], latent, sub.key_spans())[0]
         return out
 
-    def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+    def _expanded(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, spans: KeySpans | None) -> Tensor:
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))  # [B, T, H, d_h + d_v]
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -110,34 +120,49 @@ class MultiHeadLatentAttention(nn.Module):
         query = torch.cat((q_nope, q_rope), dim=-1)
         # The fused CPU kernel needs equal q/k/v widths: pad V to d_h + d_R and drop the padding after.
         value = F.pad(value, (0, query.shape[-1] - self.v_dim))
-        out = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, self.softmax_scale)
+        out = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spans, self.softmax_scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # [B, S, H, d_v]
 
-    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+    def _absorbed(self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, spans: KeySpans | None) -> Tensor:
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # [H, d_h, d_c], [H, d_v, d_c]
         q_absorbed = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, d_c]
         batch, seq = q_absorbed.shape[:2]
         query = torch.cat((q_absorbed, q_rope), dim=-1).flatten(1, 2)  # [B, S·H, d_c + d_R]: MQA, one KV head
-        if mask is not None:
-            mask = mask[:, :, None, :].expand(-1, -1, self.n_heads, -1).flatten(1, 2)[:, None]  # [B, 1, S·H, T]
-        elif seq > 1:
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=latent.device).tril()
-            mask = causal[None, :, None, :].expand(batch, -1, self.n_heads, -1).flatten(1, 2)[:, None]
+        if spans is None:
+            positions = torch.arange(seq, device=latent.device).expand(batch, seq)
+            spans = KeySpans(torch.zeros_like(positions), positions + 1)
         # The latent is both key and value (its k_R columns ride along and are dropped): equal widths
         # keep the fused kernel, and no copy of the cache is made.
-        latent_out = _attention(query[:, None], latent[:, None], latent[:, None], mask, self.softmax_scale)
+        latent_out = _attention(
+            query[:, None], latent[:, None], latent[:, None], spans.repeat_queries(self.n_heads), self.softmax_scale
+        )
         latent_out = latent_out[:, 0, :, : self.kv_lora_rank].view(batch, seq, self.n_heads, self.kv_lora_rank)
         return torch.einsum("bshc,hvc->bshv", latent_out, w_uv)  # [B, S, H, d_v]
 
 
-def _attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """SDPA; mask [B, S, T] or [B, 1, S, T] bool, or None for causal over equal-length q and k.
-    A mask that hides nothing is dropped, so the fused kernel runs unmasked."""
-    if mask is None:
+def _attention(query: Tensor, key: Tensor, value: Tensor, spans: KeySpans | None, scale: float) -> Tensor:
+    """SDPA of query [B, H, S, D] over key, value [B, H or 1, T, D]. spans None: causal over equal-length
+    q and k, one fused call. Otherwise QUERY_BLOCK queries at a time over the key window they see,
+    unmasked when each of them sees all of it."""
+    if spans is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scale)
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    if bool(mask.all()):
-        mask = None
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    blocks = []
+    for first in range(0, query.shape[-2], QUERY_BLOCK):
+        block = spans.rows(slice(first, first + QUERY_BLOCK))
+        window, sees_all = block.window()
+        inputs = (query[..., first : first + QUERY_BLOCK, :], key[..., window, :], value[..., window, :])
+        if sees_all:
+            blocks.append(F.scaled_dot_product_attention(*inputs, scale=scale))
+        elif torch.is_grad_enabled():
+            # Rebuilt in backward rather than saved for it: a long document's block masks add up to S × S.
+            blocks.append(checkpoint(_masked_attention, *inputs, block, window, scale, use_reentrant=False))
+        else:
+            blocks.append(_masked_attention(*inputs, block, window, scale))
+    return torch.cat(blocks, dim=-2)
+
+
+def _masked_attention(
+    query: Tensor, key: Tensor, value: Tensor, spans: KeySpans, window: slice, scale: float
+) -> Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=spans.mask(window)[:, None], scale=scale)

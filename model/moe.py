@@ -3,6 +3,10 @@
 The routed experts sit behind an `ExpertBackend`: the layer hands it the tokens grouped by expert and
 gets their outputs back in the same order, and in training it hands back the outputs' gradients. The
 in-process backend (`LocalExperts`) and the Ray expert actors run the same code on their own slice.
+
+Remote experts work while the router does its own: in the forward the shared experts run while the
+routed ones do; in the backward the outputs' gradients are sent first, and the tokens' gradients are
+awaited only after the combine's, the gate's and the shared experts' backward (see `_ExpertGradients`).
 """
 
 from __future__ import annotations
@@ -146,15 +150,20 @@ def capacity_mask(
 
 
 class PendingExperts(ABC):
-    """Expert outputs on their way; the caller computes the shared experts meanwhile."""
+    """Expert outputs on their way; the caller computes the shared experts meanwhile. A backward goes
+    the same way: `start_backward` sends the outputs' gradients, `grad_tokens` waits for the tokens'."""
 
     @abstractmethod
     def result(self) -> Tensor:
         """The outputs [N, d], in the order of the tokens submitted."""
 
     @abstractmethod
-    def backward(self, grad_outputs: Tensor) -> Tensor:
-        """Gradient of the outputs -> gradient of the tokens; the experts accumulate their own grads."""
+    def start_backward(self, grad_outputs: Tensor) -> None:
+        """Send the gradient of the outputs; the experts accumulate their own parameters' gradients."""
+
+    @abstractmethod
+    def grad_tokens(self) -> Tensor:
+        """The gradient of the tokens, in the order submitted (waits for the backward started)."""
 
 
 class ExpertBackend(ABC):
@@ -162,7 +171,7 @@ class ExpertBackend(ABC):
 
     `tokens` [N, d]: the first counts[0] rows go to expert 0, the next counts[1] to expert 1, and so on
     over all routed experts; token_index [N] says which token of the batch each row copies (for load
-    statistics). With keep_for_backward the backend keeps what `PendingExperts.backward` needs.
+    statistics). With keep_for_backward the backend keeps what `PendingExperts.start_backward` needs.
     """
 
     @abstractmethod
@@ -174,12 +183,16 @@ class ExpertBackend(ABC):
 class _Computed(PendingExperts):
     def __init__(self, outputs: Tensor, experts: "LocalExperts", handle: int | None):
         self.outputs, self.experts, self.handle = outputs, experts, handle
+        self.grads: Tensor | None = None
 
     def result(self) -> Tensor:
         return self.outputs
 
-    def backward(self, grad_outputs: Tensor) -> Tensor:
-        return self.experts.backward(self.handle, grad_outputs)
+    def start_backward(self, grad_outputs: Tensor) -> None:
+        self.grads = self.experts.backward(self.handle, grad_outputs)
+
+    def grad_tokens(self) -> Tensor:
+        return self.grads
 
 
 class LocalExperts(ExpertBackend):
@@ -233,32 +246,66 @@ class LocalExperts(ExpertBackend):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str, config: DeepseekV2Config, experts: dict[int, list[int]], dtype: torch.dtype = torch.float32
+        cls,
+        directory: str,
+        config: DeepseekV2Config,
+        experts: dict[int, list[int]],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> "LocalExperts":
-        """Read only these experts' tensors (MoE layer -> expert ids) from a checkpoint folder."""
+        """Read only these experts' tensors (MoE layer -> expert ids) from a checkpoint folder, straight
+        onto `device` (the modules are built without storage, so no host copy is made first)."""
         from .checkpoint import load_tensors
 
-        modules = {layer: make_experts(config, ids) for layer, ids in experts.items()}
-        local = cls(modules)
-        names = local.named_parameters()
-        tensors = load_tensors(directory, names, dtype=dtype)
-        with torch.no_grad():
-            for name, param in names.items():
-                param.copy_(tensors[name])
-        return local
+        with torch.device("meta"):
+            modules = {layer: make_experts(config, ids) for layer, ids in experts.items()}
+        names = cls(modules).named_parameters()
+        tensors = load_tensors(directory, names, dtype=dtype, device=device)
+        for layer, module in modules.items():
+            prefix = f"model.layers.{layer}.mlp.experts."
+            module.load_state_dict({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}, assign=True)
+        return cls(modules)
 
 
-class _ThroughBackend(torch.autograd.Function):
-    """One autograd node for the routed experts, whichever process they live in."""
+@dataclass
+class _ExpertTrip:
+    """One MoE layer's tokens on their way to the routed experts and back (filled in by `dispatch`)."""
+
+    token_of: Tensor | None = None  # [M]: the token of the batch each expert-sorted row copies
+    pending: PendingExperts | None = None
+
+
+class _ExpertGradients(torch.autograd.Function):
+    """Identity on the layer's input x [N, d] whose backward adds the routed experts' token gradients.
+
+    It is the first node of the layer's forward, so autograd, which runs the most recently created of
+    its ready nodes first, runs it last in the layer's backward: the combine's, the gate's and the
+    shared experts' backward all run while the (remote) experts compute theirs."""
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, pending: PendingExperts) -> Tensor:
-        ctx.pending = pending
-        return pending.result()
+    def forward(ctx, x: Tensor, trip: _ExpertTrip) -> Tensor:
+        ctx.trip = trip
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor):
+        trip = ctx.trip
+        return grad_x.index_add(0, trip.token_of, trip.pending.grad_tokens().to(grad_x.dtype)), None
+
+
+class _ExpertOutputs(torch.autograd.Function):
+    """The routed experts' outputs as one node of the graph: its backward sends the outputs' gradients
+    to the experts and returns at once (the tokens' gradients join at `_ExpertGradients`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, trip: _ExpertTrip) -> Tensor:
+        ctx.trip = trip
+        return trip.pending.result()
 
     @staticmethod
     def backward(ctx, grad_outputs: Tensor):
-        return ctx.pending.backward(grad_outputs.contiguous()), None
+        ctx.trip.pending.start_backward(grad_outputs.contiguous())
+        return None, None
 
 
 # ---- the MoE layer --------------------------------------------------------------------------------
@@ -293,6 +340,9 @@ class DeepseekMoE(nn.Module):
         """x [B, S, d]; replay [B, S, K]: the experts to route to (routing replay, see MoEGate)."""
         batch, seq, d = x.shape
         flat = x.reshape(-1, d)
+        trip = _ExpertTrip()
+        if torch.is_grad_enabled() and flat.requires_grad:
+            flat = _ExpertGradients.apply(flat, trip)  # first: its backward runs last (see the class)
         routing = self.gate(flat, None if replay is None else replay.reshape(batch * seq, -1))
         balance = None
         kept = None
@@ -309,14 +359,15 @@ class DeepseekMoE(nn.Module):
                 kept = capacity_mask(
                     affinity, routing.expert_ids, self.n_experts, self.n_devices, self.capacity_factor, exempt
                 )
-        combine = self.dispatch(flat, routing, kept)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps remote experts
+        combine = self.dispatch(flat, routing, trip, kept)
+        # Overlaps the routed experts (remote ones work meanwhile; so do their backward, see above).
+        shared = self.shared_experts(flat.view(batch, seq, d)) if self.shared_experts is not None else None
         hidden = combine.wait().view(batch, seq, d)
         if shared is not None:
             hidden = hidden + shared
         return MoEOutput(hidden, combine.tokens_per_expert, routing.expert_ids.view(batch, seq, -1), balance)
 
-    def dispatch(self, x: Tensor, routing: Routing, kept: Tensor | None = None) -> "_Combine":
+    def dispatch(self, x: Tensor, routing: Routing, trip: _ExpertTrip, kept: Tensor | None = None) -> "_Combine":
         """Group token copies by expert and submit them to the backend."""
         top_k = routing.expert_ids.shape[1]
         expert_of = routing.expert_ids.flatten()  # [N·K]
@@ -328,12 +379,12 @@ class DeepseekMoE(nn.Module):
         order = expert_of.argsort(stable=True)
         token_of, weight_of = token_of[order], weight_of[order]
         tokens_per_expert = torch.bincount(expert_of, minlength=self.n_experts)
-        tokens = x[token_of]
-        needs_grad = torch.is_grad_enabled() and tokens.requires_grad
-        pending = self.backend.submit(
-            self.layer_idx, tokens.detach(), tokens_per_expert.tolist(), token_of, keep_for_backward=needs_grad
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        trip.token_of = token_of
+        trip.pending = self.backend.submit(
+            self.layer_idx, x.detach()[token_of], tokens_per_expert.tolist(), token_of, keep_for_backward=needs_grad
         )
-        return _Combine(x, tokens if needs_grad else None, pending, token_of, weight_of, tokens_per_expert)
+        return _Combine(x, trip, needs_grad, weight_of, tokens_per_expert)
 
 
 @dataclass
@@ -341,17 +392,16 @@ class _Combine:
     """Routed outputs still to be weighted and summed back per token."""
 
     x: Tensor
-    tokens: Tensor | None  # the grouped tokens, kept when gradients flow through the experts
-    pending: PendingExperts
-    token_of: Tensor
+    trip: _ExpertTrip
+    needs_grad: bool  # gradients flow through the experts
     weight_of: Tensor
     tokens_per_expert: Tensor
 
     def wait(self) -> Tensor:
-        if self.tokens is not None:
-            outputs = _ThroughBackend.apply(self.tokens, self.pending)
+        if self.needs_grad:
+            outputs = _ExpertOutputs.apply(self.x, self.trip)
         else:
-            outputs = self.pending.result()
+            outputs = self.trip.pending.result()
         combined = torch.zeros(self.x.shape, dtype=torch.float32, device=self.x.device)
-        combined = combined.index_add(0, self.token_of, outputs.float() * self.weight_of[:, None])
+        combined = combined.index_add(0, self.trip.token_of, outputs.float() * self.weight_of[:, None])
         return combined.to(self.x.dtype)

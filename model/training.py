@@ -1,10 +1,10 @@
 """The pure-PyTorch pieces of next-token training, shared by the routers, the expert actors and the
 one-process trainer (so the optimizer step exists once, whatever process holds the parameters).
 
-A step is split so a driver can stand between the backward and the update:
+A step is a backward, then an update by every owner of parameters with the same clip scale:
 
     parts = next_token_backward(model, input_ids, labels, ce_weight, seed, dtype)  # loss parts
-    (driver: average dense grads over ranks, sum grad norms², compute the global clip scale)
+    (owners: average dense grads over ranks, sum grad norms², grad_scale = clip_scale(norm, clip))
     optimizer.step(lr, grad_scale)                                                  # AdamW, zero grads
 
 The loss on a data-parallel rank is ce_weight · Σ token CE + Σ α-weighted balance losses, with
@@ -21,10 +21,10 @@ from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from .checkpoint import fsync, load_tensors, write_shard
+from .checkpoint import CheckpointError, fsync, load_tensors, read_torch_file, write_shard
 from .transformer import DeepseekV2ForCausalLM
 
 IGNORE_INDEX = -100  # the label of a position that is not learned (torch's cross_entropy default)
@@ -32,12 +32,12 @@ IGNORE_INDEX = -100  # the label of a position that is not learned (torch's cros
 AUTOCAST_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def autocast(dtype: str) -> ContextManager:
+def autocast(dtype: str, device: torch.device | str = "cpu") -> ContextManager:
     """bf16 mixed precision (fp32 master weights and optimizer state) or nothing for fp32."""
     amp = AUTOCAST_DTYPES[dtype]
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cpu", dtype=amp)
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp)
 
 
 def learned_tokens(labels: Tensor) -> int:
@@ -74,6 +74,13 @@ def zero_grads(params: Iterable[nn.Parameter]) -> None:
         p.grad = None
 
 
+def clip_scale(grad_norm: float, grad_clip: float | None) -> float:
+    """torch.nn.utils.clip_grad_norm_'s coefficient."""
+    if grad_clip is None:
+        return 1.0
+    return min(1.0, grad_clip / (grad_norm + 1e-6))
+
+
 def grad_sq_norm(params: Iterable[nn.Parameter]) -> float:
     """Σ grad² in float64, so the norms of several owners add up to the global norm."""
     return float(sum(p.grad.double().pow(2).sum() for p in params if p.grad is not None))
@@ -101,6 +108,13 @@ class AdamWSettings(BaseModel):
     eps: float = 1e-8
 
 
+class OptimizerUpdate(BaseModel):
+    """What every owner of parameters is told at each optimizer step."""
+
+    lr: float
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this; None = no clip")
+
+
 class NamedAdamW:
     """AdamW over named parameters: the one optimizer step of moeray (routers over their dense
     parameters, expert actors over their experts, the one-process trainer over both).
@@ -113,8 +127,10 @@ class NamedAdamW:
         self.params = params
         for p in params.values():
             p.requires_grad_(True)
+        # fused: one kernel over all tensors (torch's CPU default loops over them one by one, ~5x slower
+        # for a model of many small tensors).
         self.optimizer = torch.optim.AdamW(
-            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps
+            decay_groups(params, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True
         )
         self.zero_grad()
 
@@ -123,13 +139,6 @@ class NamedAdamW:
 
     def grad_sq_norm(self) -> float:
         return grad_sq_norm(self.params.values())
-
-    def grads(self) -> dict[str, Tensor]:
-        return gradients(self.params)
-
-    def set_grads(self, grads: dict[str, Tensor]) -> None:
-        for name, grad in grads.items():
-            self.params[name].grad = grad.to(self.params[name].dtype).clone()
 
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         for group in self.optimizer.param_groups:
@@ -156,16 +165,24 @@ class NamedAdamW:
         fsync(path)
 
     def load(self, paths: list[str | Path]) -> int:
-        """Take the state of the parameters held here from named state files; returns how many found."""
+        """Take the state of the parameters held here from named state files; returns how many found.
+        Every file is read before any state is taken: a file that cannot be read changes nothing."""
         found = 0
-        for path in paths:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        for saved in [load_state_file(path) for path in paths]:
             for name, state in saved["state"].items():
                 if name in self.params:
                     param = self.params[name]
                     self.optimizer.state[param] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
                     found += 1
         return found
+
+
+def load_state_file(path: str | Path) -> dict:
+    """An optimizer state file (a {"state": {name: ...}} dict), or a CheckpointError."""
+    saved = read_torch_file(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise CheckpointError(f"{path}: not an optimizer state (no 'state')")
+    return saved
 
 
 class ReferenceWeights:
@@ -222,7 +239,7 @@ class StepParts(BaseModel):
     balance: dict[str, float]
     tokens_per_expert: dict[int, list[int]]
     dropped_fraction: float
-    dense_grad_sq: float = 0.0  # filled in by the owner of the dense optimizer
+    grad_norm: float = 0.0  # the global gradient norm before clipping, filled in by the update
 
 
 def next_token_backward(
@@ -234,7 +251,7 @@ def next_token_backward(
     model.train()
     try:
         with torch.enable_grad():
-            with autocast(dtype):
+            with autocast(dtype, input_ids.device):
                 out = model(input_ids)
             logits = out.logits.float()
             ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

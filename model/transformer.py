@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .cache import CacheBatch, LatentCache, RaggedBatch
+from .cache import CacheBatch, KeySpans, LatentCache, RaggedBatch
 from .config import DeepseekV2Config
 from .generate import generate
 from .mla import AttentionInputs, MultiHeadLatentAttention
@@ -96,30 +96,19 @@ class DeepseekV2ForCausalLM(nn.Module):
         cache_batch: CacheBatch | RaggedBatch | None = None,
         absorb: bool | None = None,
         logits_at: Tensor | None = None,
+        document_ids: Tensor | None = None,
         routing: Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids [B, S]. With a cache, cache_batch says where the tokens go and what they see;
-        absorb defaults to the weight-absorbed path for single-token decode steps. A RaggedBatch takes
-        input_ids [1, N] (several sequences flattened). logits_at [n]: compute logits only at these
-        token indices of the last dimension (logits [B, n, V]). routing [B, S, MoE layers, K]: routing
-        replay, the experts each token goes to in each MoE layer (a token whose entries are -1 is routed
-        by the gate); the output's `routing` says where every token went."""
-        batch, seq = input_ids.shape
-        if isinstance(cache_batch, RaggedBatch):
-            positions = cache_batch.positions[None]
-        elif cache is not None:
-            positions = cache_batch.positions
-        elif positions is None:
-            positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        cos, sin = self.model.rotary_emb(positions)
-        inputs = AttentionInputs(
-            cos=cos,
-            sin=sin,
-            cache=cache,
-            cache_batch=cache_batch,
-            mask=None if cache is None or isinstance(cache_batch, RaggedBatch) else cache_batch.attention_mask(),
-            absorb=(cache is not None and seq == 1) if absorb is None else absorb,
-        )
+        """input_ids [B, S]. Without a cache, positions [B, S] default to 0..S-1, and document_ids
+        [B, S] (runs of equal ids: the samples packed in a row) make attention causal within each
+        document only, while positions go on counting along the row. With a cache, cache_batch says
+        where the tokens go and what they see; absorb defaults to the weight-absorbed path for
+        single-token decode steps. A RaggedBatch takes input_ids [1, N] (several sequences
+        flattened). logits_at [n]: compute logits only at these token indices of the last dimension
+        (logits [B, n, V]). routing [B, S, MoE layers, K]: routing replay, the experts each token goes
+        to in each MoE layer (a token whose entries are -1 is routed by the gate); the output's
+        `routing` says where every token went (and a cache that records routing keeps it)."""
+        inputs = self._attention_inputs(input_ids, positions, cache, cache_batch, absorb, document_ids)
         x = self.model.embed_tokens(input_ids)
         moe_outputs: dict[int, MoEOutput] = {}
         replay = dict(zip(self.config.moe_layers, routing.unbind(dim=2))) if routing is not None else {}
@@ -138,6 +127,38 @@ class DeepseekV2ForCausalLM(nn.Module):
             balance_losses=self._weighted_balance_losses(moe_outputs),
             tokens_per_expert={i: moe.tokens_per_expert for i, moe in moe_outputs.items()},
             routing=chosen,
+        )
+
+    def _attention_inputs(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None,
+        cache: LatentCache | None,
+        cache_batch: CacheBatch | RaggedBatch | None,
+        absorb: bool | None,
+        document_ids: Tensor | None,
+    ) -> AttentionInputs:
+        batch, seq = input_ids.shape
+        if cache is not None and (positions is not None or document_ids is not None):
+            raise ValueError("with a cache, cache_batch gives the positions; document_ids need the cache-less forward")
+        if isinstance(cache_batch, RaggedBatch):
+            positions = cache_batch.positions[None]
+            spans = None  # each sequence of the batch gets its own, in attention
+        elif cache is not None:
+            positions = cache_batch.positions
+            spans = cache_batch.key_spans()
+        else:
+            if positions is None:
+                positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+            spans = None if document_ids is None else KeySpans.documents(document_ids)
+        cos, sin = self.model.rotary_emb(positions)
+        return AttentionInputs(
+            cos=cos,
+            sin=sin,
+            cache=cache,
+            cache_batch=cache_batch,
+            spans=spans,
+            absorb=(cache is not None and seq == 1) if absorb is None else absorb,
         )
 
     def _weighted_balance_losses(self, moe_outputs: dict[int, MoEOutput]) -> dict[str, Tensor]:

@@ -37,7 +37,7 @@ from engine.generation import (
     TokenEvent,
     Usage,
 )
-from .keys import KeyRing
+from .keys import API_KEYS_ENV, KeyRing, refuse_open_exposure, serve_listeners
 from .model_info import ModelInfo, load_serving_tokenizer, resolve_model_dir
 from .openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIIngress
 
@@ -61,6 +61,10 @@ class AppArgs(BaseModel):
     transport: str = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
+    require_api_key: bool = Field(False, description="refuse to build without a key (api_keys or MOERAY_API_KEYS)")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without an API key although the endpoint is reachable beyond this machine"
+    )
     tokenizer: Literal["auto", "bundled", "none"] = "auto"
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not say (the engine's)")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
@@ -142,6 +146,12 @@ class EngineServerImpl:
     async def stats(self) -> dict:
         stats = await self.engine.stats()
         return {**stats, "open_streams": self.open_streams, "model": self.model_info.name}
+
+    async def sessions(self, owner: str) -> list[dict]:
+        return await self.engine.sessions(owner)
+
+    async def end_session(self, owner: str, session_id: str) -> None:
+        await self.engine.end_session(owner, session_id)
 
     async def check_health(self) -> None:
         """Cheap: never waits on a step. Unhealthy only when the engine's scheduling loop has died."""
@@ -268,7 +278,9 @@ _HEALTH = dict(health_check_period_s=10, health_check_timeout_s=60)
 EngineServer = serve.deployment(
     EngineServerImpl,
     name=ENGINE_DEPLOYMENT,
-    num_replicas=1,
+    # One replica, as an autoscaling range of one: Ray Serve (2.60) warns "Cannot deregister autoscaling
+    # state" whenever it deletes a deployment that has none, i.e. at every clean shutdown.
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1},
     max_ongoing_requests=4096,  # the engine queues and answers 429 itself (EngineConfig.max_queue)
     graceful_shutdown_timeout_s=30,
     ray_actor_options={"num_cpus": 0},
@@ -290,6 +302,12 @@ def build(args: dict | AppArgs) -> Application:
     model_dir = resolve_model_dir(args.model)
     if not (model_dir / "config.json").exists():
         raise ValueError(f"{args.model} is not a model folder (no config.json)")
+    keys = KeyRing(args.api_keys)
+    if args.require_api_key and not keys.enabled:
+        raise ValueError(f"this application requires an API key: set {API_KEYS_ENV} (comma-separated keys) "
+                         "or pass api_keys")
+    if not keys.enabled and not args.allow_unauthenticated:
+        refuse_open_exposure(*serve_listeners())
     settings = args.model_dump()
     settings["model"] = str(model_dir)
     # Keys never travel as plain text: the ingress gets the digests of the keys given here and of
@@ -298,7 +316,7 @@ def build(args: dict | AppArgs) -> Application:
         "model_dir": str(model_dir),
         "tokenizer": args.tokenizer,
         "max_body_bytes": args.max_body_bytes,
-        "api_key_digests": sorted(KeyRing(args.api_keys).digests),
+        "api_key_digests": sorted(keys.digests),
     }
     settings["api_keys"] = []
     ingress = OpenAIServer.options(

@@ -6,24 +6,42 @@ status to a gRPC code (`serving.grpc_api.grpc_code`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from engine.generation import (
     CacheTooSmall,
     EngineError,
     EngineFailure,
+    EngineUnavailable,
     Overloaded,
     PromptTooLong,
+    RateLimited,
+    SessionBusy,
     SessionNotFound,
     remote_cause,
 )
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (the OpenAPI schema publishes it)."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
-    """An error with its HTTP status and OpenAI error body: {"error": {message, type, param, code}}."""
+    """An error with its HTTP status and OpenAI error body: {"error": {message, type, param, code}}.
+    `retry_after_s`: sent as Retry-After (whole seconds) when a retry may succeed."""
 
     def __init__(
         self,
@@ -32,12 +50,19 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class ErrorKind(NamedTuple):
@@ -49,9 +74,12 @@ class ErrorKind(NamedTuple):
 # Exception type -> what the client sees. A subclass not listed gets its nearest listed base's entry.
 ENGINE_ERRORS: dict[type[Exception], ErrorKind] = {
     SessionNotFound: ErrorKind(404, "invalid_request_error", "session_not_found"),
+    SessionBusy: ErrorKind(409, "invalid_request_error", "session_busy"),
     PromptTooLong: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     CacheTooSmall: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
     Overloaded: ErrorKind(429, "rate_limit_error", "overloaded"),
+    EngineUnavailable: ErrorKind(503, "server_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "internal_error"),
     EngineError: ErrorKind(400, "invalid_request_error", "invalid_request"),
 }
@@ -65,7 +93,14 @@ def api_error(error: BaseException, params: Mapping[str, str] | None = None) -> 
     if kind is None:
         return None
     param = (params or {}).get(getattr(error, "field", None) or "")
-    return APIError(kind.status, str(error) or type(error).__name__, kind.type, param, kind.code)
+    return APIError(kind.status, str(error) or type(error).__name__, kind.type, param, kind.code,
+                    getattr(error, "retry_after_s", None))
+
+
+def engine_unavailable() -> APIError:
+    """The engine replica cannot be reached (restarting, or gone): the client may retry shortly."""
+    return APIError(503, "The engine is unavailable; try again shortly.", "server_error", None, "engine_unavailable",
+                    retry_after_s=EngineUnavailable.retry_after_s)
 
 
 def unauthorized() -> APIError:

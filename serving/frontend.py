@@ -16,6 +16,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, GenerationParams
 # Which request parameter an engine error about a GenerationRequest field is about.
 COMPLETION_PARAMS = {"prompt_ids": "prompt", "max_tokens": "max_tokens"}
 CHAT_PARAMS = {"prompt_ids": "messages", "max_tokens": "max_tokens"}
+MAX_PROMPTS = 64  # prompts in one completions request (each is its own engine request, with its n choices)
 
 
 def new_id(prefix: str) -> str:
@@ -36,12 +37,17 @@ class Frontend:
                            param="model", code="model_not_found")
 
     # ---- prompts ----------------------------------------------------------------------------------
-    def completion_prompt(self, request: CompletionRequest) -> list[int]:
+    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt: the request's `prompt` is text, token ids, or a list of either
+        (several prompts, which OpenAI's API takes in one request)."""
         prompt = request.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "Batched prompts are not supported; send one prompt per request.", param="prompt")
-            prompt = prompt[0]
+        several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+        prompts = prompt if several else [prompt]
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"At most {MAX_PROMPTS} prompts in one request.", param="prompt")
+        return [self._completion_ids(p) for p in prompts]
+
+    def _completion_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, f"The model {self.info.name!r} has no tokenizer; send the prompt as token ids.",

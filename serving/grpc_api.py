@@ -21,12 +21,13 @@ from . import moeray_pb2 as pb
 from .engine_client import EngineStream
 from .errors import APIError
 from .frontend import CHAT_PARAMS, COMPLETION_PARAMS, new_id
+from .grpc_servicer import Undecodable
 from engine.generation import GenerationRequest
 from .keys import KeyRing
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
 from .sessions import session_from
 
-SERVICER_FUNCTION = "serving.moeray_pb2_grpc.add_MoerayServicer_to_server"
+SERVICER_FUNCTION = "serving.grpc_servicer.add_moeray_servicer"
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -47,7 +48,8 @@ class GrpcAbort(Exception):
 
 
 class MoerayGrpcServicer:
-    """Needs `self.engine`, `self.frontend`, `self.keys`, `self.info`, `self.metrics` (the ingress has them)."""
+    """Needs `self.watch`, `self.frontend`, `self.keys`, `self.info`, `self.metrics`, `self.max_body_bytes`
+    (the ingress has them)."""
 
     def _grpc_metadata(self, grpc_context) -> dict[str, str]:
         if grpc_context is None:
@@ -61,9 +63,14 @@ class MoerayGrpcServicer:
             grpc_context.set_details(error.message)
         return GrpcAbort(f"{error.status}: {error.message}")
 
+    def _check_decoded(self, request) -> None:
+        if isinstance(request, Undecodable):
+            raise APIError(400, f"The request is not a valid protobuf message: {request.error}")
+
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         try:
             self.keys.check(KeyRing.key_from_headers(self._grpc_metadata(grpc_context)))
+            self._check_decoded(request)
         except APIError as error:
             raise self._grpc_fail(grpc_context, "grpc_list_models", error) from None
         self.metrics.request("grpc_list_models", 200)
@@ -77,8 +84,11 @@ class MoerayGrpcServicer:
         try:
             metadata = self._grpc_metadata(grpc_context)
             owner = self.keys.check(KeyRing.key_from_headers(metadata))
+            self._check_decoded(request)
+            if request.ByteSize() > self.max_body_bytes:
+                raise APIError(413, f"The request is larger than {self.max_body_bytes} bytes.", code="request_too_large")
             request_id, generation, params = self._grpc_generation(request, owner, metadata.get("x-session-id"))
-            stream = await EngineStream.open(self.engine, generation, params)
+            stream = await EngineStream.open(self.watch, generation, params)
         except APIError as error:
             raise self._grpc_fail(grpc_context, method, error) from None
         try:
@@ -139,7 +149,7 @@ class MoerayGrpcServicer:
             fields["prompt"] = request.prompt or list(request.prompt_ids)
             body = parse_request(CompletionRequest, fields)
             frontend.check_model(body.model)
-            prompt = frontend.completion_prompt(body)
+            [prompt] = frontend.completion_prompts(body)  # one text or token-id prompt
             request_id, params = new_id("cmpl"), COMPLETION_PARAMS
         session = session_from(body.session_id, header_session)
         generation = frontend.generation_request(body, prompt, body.max_tokens, logprobs, owner, session, request_id)

@@ -4,11 +4,50 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 
 from .errors import unauthorized
 
 API_KEYS_ENV = "MOERAY_API_KEYS"  # comma-separated
+ALL_INTERFACES = "[::]"  # where Serve's gRPC proxy listens, whatever the HTTP host
+
+
+class OpenExposure(RuntimeError):
+    """Serving without an API key on an address other machines can reach, not explicitly allowed."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def serve_listeners() -> list[str]:
+    """The addresses the running Serve instance listens on: its HTTP host, and every interface when its
+    gRPC proxy is on. Before Serve runs, what `serve.run` would start: HTTP on 127.0.0.1 only."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False) if ray.is_initialized() else None
+    if client is None:
+        return ["127.0.0.1"]
+    grpc = ray.get(client._controller.get_grpc_config.remote())
+    return [client.http_config.host] + ([ALL_INTERFACES] if grpc.grpc_servicer_functions else [])
+
+
+def refuse_open_exposure(*hosts: str) -> None:
+    """Raise OpenExposure when any host is not loopback (the caller has no API key)."""
+    exposed = [host for host in hosts if not is_loopback(host)]
+    if exposed:
+        raise OpenExposure(
+            f"refusing to serve without an API key on {', '.join(exposed)} (reachable from other machines"
+            f"{'; Serve gRPC listens on every interface' if ALL_INTERFACES in exposed else ''}): set "
+            f"{API_KEYS_ENV} or api_keys, or allow_unauthenticated: true to serve anyone who can connect"
+        )
 
 
 class KeyRing:

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve), which also answers the gRPC proxy.
 
-Routes: GET /health (no key), GET /v1/models, GET /v1/models/{model}, POST /v1/completions,
-POST /v1/chat/completions (both with SSE streaming), GET /v1/stats (engine statistics, an extension).
-The ingress authenticates, validates, tokenizes and formats; the single engine replica
-(`serving.app.EngineServer`) schedules. Every error is OpenAI-shaped JSON.
+Routes: GET /health (no key), GET /openapi.json (no key: the request models as they are validated),
+GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions (both with SSE
+streaming), GET /v1/sessions and DELETE /v1/sessions/{session_id} (the caller's own sessions), GET
+/v1/stats (engine statistics). The ingress authenticates, validates, tokenizes and formats; the single
+engine replica (`serving.app.EngineServer`) schedules. Every error is OpenAI-shaped JSON; a 429 or 503
+says when to retry (Retry-After).
 """
 
 from __future__ import annotations
@@ -20,26 +22,27 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine_client import EngineStream
+from .engine_client import EngineStream, EngineWatch, merged, total_usage
 from .errors import APIError
 from .frontend import CHAT_PARAMS, COMPLETION_PARAMS, Frontend, new_id
 from engine.generation import TokenEvent, Usage
 from .grpc_api import MoerayGrpcServicer
 from .keys import KeyRing
 from .model_info import load_serving_tokenizer
+from .openapi import documented, install_openapi
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
-from .sessions import session_from
+from .sessions import check_session_id, session_from
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
-app = FastAPI(title="moeray", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
+install_openapi(app)
 
 
 def error_response(error: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if error.status == 429 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 @app.exception_handler(APIError)
@@ -90,6 +93,7 @@ class OpenAIServerImpl(MoerayGrpcServicer):
         self.keys = KeyRing(digests=settings.get("api_key_digests") or [])
         self.max_body_bytes = settings.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
         self.metrics = IngressMetrics(self.info.name)
+        self.watch = EngineWatch(engine)
         if not self.keys.enabled:
             logger.warning("moeray: no API keys configured; every request is accepted")
 
@@ -128,7 +132,7 @@ class OpenAIServerImpl(MoerayGrpcServicer):
         return response
 
     # ---- routes ------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", **documented(authenticated=False))
     async def health(self) -> Response:
         """For load balancers and readiness probes (no key): 503 while the engine does not answer."""
         try:
@@ -137,7 +141,7 @@ class OpenAIServerImpl(MoerayGrpcServicer):
             return JSONResponse({"status": "unavailable", "model": self.info.name}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.info.name})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **documented())
     async def list_models(self, request: Request) -> Response:
         async def handle(request: Request) -> Response:
             self._owner(request)
@@ -145,7 +149,7 @@ class OpenAIServerImpl(MoerayGrpcServicer):
 
         return await self._respond("models", handle, request)
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", **documented())
     async def get_model(self, model: str, request: Request) -> Response:
         async def handle(request: Request) -> Response:
             self._owner(request)
@@ -154,23 +158,46 @@ class OpenAIServerImpl(MoerayGrpcServicer):
 
         return await self._respond("models", handle, request)
 
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", **documented())
     async def stats(self, request: Request) -> Response:
         async def handle(request: Request) -> Response:
             self._owner(request)
-            return JSONResponse(await self.engine.stats.remote())
+            return JSONResponse(await self.watch.call("stats"))
 
         return await self._respond("stats", handle, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **documented(CompletionRequest, session_header=True))
     async def completions(self, request: Request) -> Response:
         return await self._respond("completions", self._completions, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **documented(ChatCompletionRequest, session_header=True))
     async def chat_completions(self, request: Request) -> Response:
         return await self._respond("chat_completions", self._chat_completions, request)
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    @app.get("/v1/sessions", **documented())
+    async def list_sessions(self, request: Request) -> Response:
+        """The caller's sessions (another key's are never listed)."""
+
+        async def handle(request: Request) -> Response:
+            sessions = await self.watch.call("sessions", self._owner(request))
+            return JSONResponse({"object": "list", "data": [{"object": "session", **s} for s in sessions]})
+
+        return await self._respond("sessions", handle, request)
+
+    @app.delete("/v1/sessions/{session_id}", **documented())
+    async def end_session(self, session_id: str, request: Request) -> Response:
+        """End one of the caller's sessions now: its latent cache and offloaded data go."""
+
+        async def handle(request: Request) -> Response:
+            owner = self._owner(request)
+            check_session_id(session_id, "session_id")
+            await self.watch.call("end_session", owner, session_id)
+            return JSONResponse({"id": session_id, "object": "session", "deleted": True})
+
+        return await self._respond("sessions", handle, request)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
+                   include_in_schema=False)
     async def unknown(self, path: str, request: Request) -> Response:
         async def handle(request: Request) -> Response:
             self._owner(request)
@@ -194,18 +221,24 @@ class OpenAIServerImpl(MoerayGrpcServicer):
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (no server-side ranking).", param="best_of")
         session = session_from(body.session_id, request.headers.get("x-session-id"))
-        prompt = self.frontend.completion_prompt(body)
+        prompts = self.frontend.completion_prompts(body)
+        if session and len(prompts) > 1:
+            raise APIError(400, "A session continues one conversation: send one prompt with a session.",
+                           param="prompt")
         request_id = new_id("cmpl")
-        generation = self.frontend.generation_request(body, prompt, body.max_tokens, body.logprobs, owner, session,
-                                                      request_id)
-        stream = await EngineStream.open(self.engine, generation, COMPLETION_PARAMS)
+        generations = [
+            self.frontend.generation_request(body, prompt, body.max_tokens, body.logprobs, owner, session,
+                                             f"{request_id}-{i}")
+            for i, prompt in enumerate(prompts)
+        ]
+        streams = await EngineStream.open_all(self.watch, generations, COMPLETION_PARAMS)
         created = int(time.time())
         headers = {"X-Session-Id": session} if session else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._completion_chunks(stream, request_id, created, body, include_usage)
+            chunks = self._completion_chunks(streams, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices, usage = await _collect(stream, body.n)
+        choices, usage = await _collect(streams, body.n)
         result = {
             "id": request_id,
             "object": "text_completion",
@@ -237,24 +270,30 @@ class OpenAIServerImpl(MoerayGrpcServicer):
             offset += len(event.text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    async def _completion_chunks(self, stream: EngineStream, request_id: str, created: int,
+    async def _completion_chunks(self, streams: list[EngineStream], request_id: str, created: int,
                                  body: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
-        offsets = [0] * body.n
+        """Each prompt's choices numbered as OpenAI does, prompt by prompt (index = prompt * n + choice);
+        the usage, summed over the prompts, once all have finished."""
+        offsets = [0] * (body.n * len(streams))
+        usages: list[Usage] = []
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.info.name}
         try:
-            async for batch in stream:
+            async for prompt, batch in merged(streams):
                 out = []
-                for index, events in _by_choice(batch.events).items():
+                for choice, events in _by_choice(batch.events).items():
+                    index = prompt * body.n + choice
                     text = "".join(e.text for e in events)
                     logprobs = None
                     if body.logprobs is not None:
                         logprobs = self._completion_logprobs(events, offsets[index])
                     offsets[index] += len(text)
-                    choice = {"index": index, "text": text, "logprobs": logprobs,
-                              "finish_reason": events[-1].finish_reason}
-                    out.append(sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})}))
-                if batch.usage is not None and include_usage:
-                    out.append(sse({**base, "choices": [], "usage": usage_body(batch.usage)}))
+                    entry = {"index": index, "text": text, "logprobs": logprobs,
+                             "finish_reason": events[-1].finish_reason}
+                    out.append(sse({**base, "choices": [entry], **({"usage": None} if include_usage else {})}))
+                if batch.usage is not None:
+                    usages.append(batch.usage)
+                if len(usages) == len(streams) and include_usage:
+                    out.append(sse({**base, "choices": [], "usage": usage_body(total_usage(usages))}))
                 if out:
                     yield "".join(out)
         except APIError as error:
@@ -286,14 +325,14 @@ class OpenAIServerImpl(MoerayGrpcServicer):
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request_id = new_id("chatcmpl")
         generation = self.frontend.generation_request(body, prompt, max_tokens, top_logprobs, owner, session, request_id)
-        stream = await EngineStream.open(self.engine, generation, params)
+        stream = await EngineStream.open(self.watch, generation, params)
         created = int(time.time())
         headers = {"X-Session-Id": session} if session else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._chat_chunks(stream, request_id, created, body, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        choices, usage = await _collect(stream, body.n)
+        choices, usage = await _collect([stream], body.n)
         result = {
             "id": request_id,
             "object": "chat.completion",
@@ -366,15 +405,17 @@ def _by_choice(events: list[TokenEvent]) -> dict[int, list[TokenEvent]]:
 OpenAIIngress = serve.ingress(app)(OpenAIServerImpl)
 
 
-async def _collect(stream: EngineStream, n: int) -> tuple[dict[int, dict], Usage | None]:
-    """A whole (non-streamed) answer: per choice its text pieces, events and finish reason; the usage."""
-    choices: dict[int, dict] = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n)}
-    usage = None
-    async for batch in stream:
+async def _collect(streams: list[EngineStream], n: int) -> tuple[dict[int, dict], Usage]:
+    """Whole (non-streamed) answers: per choice (index = prompt * n + choice, as OpenAI numbers them) its
+    text pieces, events and finish reason; the usage summed over the prompts."""
+    choices = {i: {"text": [], "events": [], "finish_reason": None} for i in range(n * len(streams))}
+    usages: list[Usage] = []
+    async for prompt, batch in merged(streams):
         for event in batch.events:
-            choice = choices[event.choice]
+            choice = choices[prompt * n + event.choice]
             choice["text"].append(event.text)
             choice["events"].append(event)
             choice["finish_reason"] = event.finish_reason or choice["finish_reason"]
-        usage = batch.usage or usage
-    return choices, usage
+        if batch.usage is not None:
+            usages.append(batch.usage)
+    return choices, total_usage(usages)

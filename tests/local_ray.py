@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +91,43 @@ def stop_process_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def private_ray_env(prefix: str) -> tuple[dict, Path]:
+    """The environment of a command that starts its own (embedded) Ray cluster as a new user's would:
+    no RAY_ADDRESS, no RAY_AUTH_MODE (moeray chooses), and a private RAY_TMPDIR that every process of
+    that cluster inherits, so `processes_of` finds them, and nobody else's."""
+    temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return {**env, "RAY_TMPDIR": str(temp_dir)}, temp_dir
+
+
+def processes_of(ray_temp_dir: Path, session: int) -> dict[int, str]:
+    """pid -> command line of the processes still running whose environment names `ray_temp_dir` as
+    RAY_TMPDIR or that belong to the process group `session` (Ray renames its agents' command lines,
+    ray::DashboardAgent and the like, but keeps both)."""
+    marker = f"RAY_TMPDIR={ray_temp_dir}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ours = marker in (entry / "environ").read_bytes().split(b"\0") or os.getpgid(int(entry.name)) == session
+            if ours and (entry / "stat").read_text().split(") ")[-1][0] != "Z":  # a zombie is gone, not reaped
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ProcessLookupError):  # it ended while we looked
+            continue
+    return found
+
+
+def left_behind(ray_temp_dir: Path, session: int, timeout_s: float = 60) -> dict[int, str]:
+    """`processes_of` once none is left or, after `timeout_s`, what is still there (then killed, so a
+    failing test leaves nothing either)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := processes_of(ray_temp_dir, session)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling /proc: no event says that an unrelated process has exited
+    for pid in found:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_temp_dir, ignore_errors=True)
+    return found

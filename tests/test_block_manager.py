@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from actors.block_manager import BlockManager, CacheFull, CacheTooSmall, DiskTier, HostTier, SessionNotFound
+from actors.block_manager import (
+    BlockManager,
+    CacheFull,
+    CacheTooSmall,
+    DiskTier,
+    HostTier,
+    SessionBusy,
+    SessionNotFound,
+)
 
 BLOCK = 4
 LAYERS, WIDTH = 2, 3  # a block holds [LAYERS, BLOCK, WIDTH] float32 values
@@ -45,10 +53,20 @@ class MemoryPools:
             self.pools[router][:, target] = self.pools[router][:, source]
 
 
-def manager(num_blocks: int = 16, routers: int = 1, tiers: list | None = None) -> tuple[BlockManager, MemoryPools]:
+def manager(num_blocks: int = 16, routers: int = 1, tiers: list | None = None, **limits) -> tuple[BlockManager, MemoryPools]:
     pools = MemoryPools(routers, num_blocks)
     tiers = [HostTier(None)] if tiers is None else tiers
-    return BlockManager(routers, num_blocks, BLOCK, BYTES_PER_TOKEN, pools, tiers), pools
+    return BlockManager(routers, num_blocks, BLOCK, BYTES_PER_TOKEN, pools, tiers, **limits), pools
+
+
+class Clock:
+    """Seconds that pass when the test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def run_turn(books: BlockManager, pools: MemoryPools, seq_id: str, prompt: list[int], output: list[int],
@@ -184,3 +202,51 @@ def test_a_session_whose_router_is_full_moves_to_a_router_with_room():
     stats = books.stats()
     assert stats["session_moves"] == 1 and [r["sessions"] for r in stats["routers"]] == [0, 2]
     assert stats["offloads"] == 0
+
+
+def test_sessions_end_when_told_when_idle_too_long_or_past_their_owners_limit(tmp_path: Path):
+    clock = Clock()
+    books, pools = manager(num_blocks=4, tiers=[DiskTier(tmp_path)], session_idle_s=60, max_sessions_per_owner=3,
+                           clock=clock)
+    for s in range(3):  # 2 blocks each in a pool of 4: one of them is offloaded to a file
+        clock.now += 1
+        run_turn(books, pools, f"a{s}", [s, 1, 2, 3, 4, 5], [6, 7], owner="alice", session_id=f"a{s}")
+    a0_file = Path(books.sessions[("alice", "a0")].offloaded.handle)
+    assert list(tmp_path.iterdir()) == [a0_file]
+    run_turn(books, pools, "b0", [9, 9, 9], [9], owner="bob", session_id="b0")
+    assert [s["id"] for s in books.sessions_of("alice")] == ["a2", "a1", "a0"]  # bob's is not listed
+    with pytest.raises(SessionNotFound):
+        books.end_session("bob", "a1")
+    clock.now += 1  # a fourth session of alice ends her least recently used one (a0, on disk); bob's stays
+    run_turn(books, pools, "a3", [3, 3, 3], [3], owner="alice", session_id="a3")
+    assert [s["id"] for s in books.sessions_of("alice")] == ["a3", "a2", "a1"]
+    assert [s["id"] for s in books.sessions_of("bob")] == ["b0"] and not a0_file.exists()
+    assert len(list(tmp_path.iterdir())) == books.stats()["offloaded_sessions"]["disk"]
+    books.admit("busy", [1, 2, 3, 4], 1, owner="alice", session_id="a1")
+    with pytest.raises(SessionBusy):
+        books.end_session("alice", "a1")
+    books.cancel("busy")
+    books.end_session("alice", "a1")
+    clock.now += 61  # every session is idle past 60 s now
+    assert books.sessions_of("alice") == [] and books.sessions_of("bob") == []
+    stats = books.stats()
+    assert stats["sessions_ended"] == {"ended": 1, "expired": 3, "replaced": 1, "lost": 0}
+    assert stats["routers"][0]["blocks_used"] == 0 and stats["offloaded_bytes"]["disk"] == 0
+    assert not list(tmp_path.iterdir())  # no session left, no file left
+
+
+def test_a_reset_router_forgets_its_blocks_and_new_books_adopt_running_sequences(tmp_path: Path):
+    books, pools = manager(num_blocks=8, routers=2)
+    run_turn(books, pools, "t1", [1, 2, 3, 4, 5], [6, 7], owner="k", session_id="here")
+    running = books.admit("run", [8, 8, 8, 8, 8], 3)
+    books.reset_router(0)  # router 0 restarted with an empty pool
+    assert books.sessions_of("k") == [] and books.stats()["sessions_ended"]["lost"] == 1
+    assert books.admit("next", [1, 2, 3, 4, 5, 6, 7, 9], 1, owner="k", session_id="here").cached_tokens == 0
+    books.finish("run", [8] * 7)  # a sequence the reset dropped: nothing to do
+    fresh, _ = manager(num_blocks=8, routers=2)
+    fresh.adopt([("run", running.router, running.block_table)])
+    first, second = fresh.admit("x", list(range(20, 40)), 4), fresh.admit("y", list(range(40, 60)), 4)  # 6 blocks each
+    beside = first if first.router == running.router else second
+    assert first.router != second.router and not set(beside.block_table) & set(running.block_table)
+    with pytest.raises(CacheFull):  # the adopted blocks stay taken
+        fresh.admit("z", list(range(60, 70)), 2)

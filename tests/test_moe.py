@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from model import DeepseekV2ForCausalLM
-from model.moe import DeepseekMoE, MoEGate, balance_losses, capacity_mask
+from model.moe import DeepseekMoE, ExpertBackend, MoEGate, PendingExperts, balance_losses, capacity_mask
 
-from .reference import CONFIG_A, CONFIG_B, hf_model
+from .reference import CONFIG_A, CONFIG_B, hf_model, random_model
 
 
 def test_balance_losses_equal_hand_computation():
@@ -133,3 +133,45 @@ def test_gradients_through_the_expert_backend_equal_transformers(config, tmp_pat
         scale = reference_grad.abs().max().item()
         torch.testing.assert_close(grad, reference_grad, atol=1e-5 * max(scale, 1.0), rtol=0, msg=name)
     assert ours.moe_layers()[1].backend.pending_backwards == 0
+
+
+class _RecordedTrip(PendingExperts):
+    def __init__(self, layer: int, inner: PendingExperts, events: list):
+        self.layer, self.inner, self.events = layer, inner, events
+
+    def result(self):
+        return self.inner.result()
+
+    def start_backward(self, grad_outputs):
+        self.events.append(("send", self.layer))
+        self.inner.start_backward(grad_outputs)
+
+    def grad_tokens(self):
+        self.events.append(("wait", self.layer))
+        return self.inner.grad_tokens()
+
+
+class _RecordingBackend(ExpertBackend):
+    def __init__(self, inner: ExpertBackend, events: list):
+        self.inner, self.events = inner, events
+
+    def submit(self, layer, tokens, counts, token_index, keep_for_backward):
+        return _RecordedTrip(layer, self.inner.submit(layer, tokens, counts, token_index, keep_for_backward), self.events)
+
+
+def test_backward_awaits_the_experts_only_after_the_layers_other_backward():
+    """Remote experts compute their backward while the router computes the rest of the layer's: each
+    MoE layer sends the outputs' gradients first and waits for the tokens' gradients last, after the
+    shared experts' and the gate's backward."""
+    model = random_model(CONFIG_B).train()
+    events: list[tuple[str, int]] = []
+    layers = model.moe_layers()
+    model.set_expert_backend(_RecordingBackend(next(iter(layers.values())).backend, events))
+    for layer, moe in layers.items():
+        for name, param in (("shared", moe.shared_experts.gate_proj.weight), ("gate", moe.gate.weight)):
+            param.register_post_accumulate_grad_hook(lambda _, name=name, layer=layer: events.append((name, layer)))
+    ids = torch.randint(0, CONFIG_B.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(ids).logits.sum().backward()
+    for layer in layers:
+        order = [name for name, at in events if at == layer]
+        assert order[0] == "send" and order[-1] == "wait" and sorted(order[1:-1]) == ["gate", "shared"], order

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,82 +17,30 @@ import openai
 import pytest
 import ray
 import yaml
-from ray import serve
 
-from cluster.graph import ActorGraph
-from cluster.spec import ClusterSpec
 from serving import moeray_pb2 as pb
 from serving import moeray_pb2_grpc as pb_grpc
-from serving.app import AppArgs, build
+from serving.app import AppArgs
 from serving.grpc_api import SERVICER_FUNCTION
 
-from .local_ray import free_port
+from .served import KEY_A, KEY_B, Server, served_app
 
 pytestmark = pytest.mark.timeout(600)
 
-KEY_A, KEY_B = "sk-test-alice", "sk-test-bob"
 MAX_MODEL_LEN = 128
 MAX_BODY = 16 * 1024
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Server:
-    port: int
-    grpc_port: int
-    model: str
-
-    def client(self, key: str = KEY_A) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def raw(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = KEY_A,
-            headers: dict | None = None) -> tuple[int, dict]:
-        """One plain HTTP request (for what the openai client would refuse to send)."""
-        if isinstance(body, dict):
-            body = json.dumps(body)
-        if isinstance(body, str):
-            body = body.encode()
-        all_headers = {"Content-Type": "application/json", **(headers or {})}
-        if key is not None:
-            all_headers["Authorization"] = f"Bearer {key}"
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        try:
-            connection.request(method, path, body=body, headers=all_headers)
-            response = connection.getresponse()
-            data = response.read()
-        finally:
-            connection.close()
-        try:
-            return response.status, json.loads(data)
-        except json.JSONDecodeError:
-            return response.status, {"raw": data.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_checkpoints):
     """One Serve application for the module, attached to a graph this test created (2 expert actors).
     The checkpoint has no tokenizer.json: the built-in tokenizer of the tiny models serves text."""
-    folder = tiny_checkpoints["B"]
-    name = "serving-test"
-    graph = ActorGraph.create(
-        ClusterSpec(model=str(folder), name=name, expert_actors=2, cpus_per_actor=0.5, detached=True)
-    )
-    port, grpc_port = free_port(), free_port()
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
-        )
-        app = build({
-            "model": str(folder), "name": name, "served_model_name": "tiny", "api_keys": [KEY_A, KEY_B],
-            "engine": {"max_model_len": MAX_MODEL_LEN}, "max_body_bytes": MAX_BODY, "default_max_tokens": 16,
-            "create_graph": False, "busy_streams": 0, "coalesce_s": 0.1, "stats_interval_s": 1.0,
-        })
-        serve.run(app, name="moeray", route_prefix="/", blocking=False)
-        yield Server(port, grpc_port, "tiny")
-    finally:
-        serve.shutdown()
-        graph.teardown()
+    with served_app(tiny_checkpoints["B"], "serving-test", {
+        "engine": {"max_model_len": MAX_MODEL_LEN}, "max_body_bytes": MAX_BODY, "default_max_tokens": 16,
+        "busy_streams": 0, "coalesce_s": 0.1, "stats_interval_s": 1.0,
+    }) as server:
+        yield server
 
 
 def chat(server: Server, content: str = "What is 2 plus 3?", key: str = KEY_A, **kwargs):
@@ -186,6 +133,33 @@ def test_n_seed_and_stop(server):
                                         stop=[stop])
     assert stopped.choices[0].text == text[: text.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_completions_take_a_list_of_prompts_each_with_its_own_n_choices(server):
+    client = server.client()
+    sampling = dict(model="tiny", n=2, max_tokens=6, temperature=1.0, seed=7)
+    for prompts in (["Compute 4 minus 1", "What is 2 plus 2?", "Hi"], [[9, 10, 11, 12], [13, 14, 15]]):
+        alone = [client.completions.create(prompt=prompt, **sampling) for prompt in prompts]
+        together = client.completions.create(prompt=prompts, **sampling)
+        # OpenAI's numbering: prompt by prompt, then choice by choice (seeded: the same as one at a time)
+        assert [c.index for c in together.choices] == list(range(2 * len(prompts)))
+        by_index = [c for result in alone for c in sorted(result.choices, key=lambda c: c.index)]
+        assert [(c.text, c.finish_reason) for c in together.choices] == [(c.text, c.finish_reason) for c in by_index]
+        for field in ("prompt_tokens", "completion_tokens"):
+            assert getattr(together.usage, field) == sum(getattr(r.usage, field) for r in alone)
+
+        chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                                **sampling))
+        streamed: dict[int, str] = {}
+        for chunk in chunks[:-1]:
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        assert streamed == {c.index: c.text for c in together.choices}
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+
+    with pytest.raises(openai.BadRequestError) as caught:  # a session continues one conversation
+        client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2, extra_body={"session_id": "two"})
+    assert caught.value.body["param"] == "prompt"
 
 
 def test_logprobs(server):

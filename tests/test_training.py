@@ -202,7 +202,11 @@ def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: flo
 
 @pytest.mark.timeout(400)
 def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
-    """2 routers (data-parallel ranks) x 2 expert actors, balance losses, token dropping and clipping on."""
+    """2 routers (data-parallel ranks, averaging their dense gradients by all-reduce) x 2 expert actors,
+    balance losses, token dropping and clipping on."""
+    import ray
+    import safetensors.torch
+
     from jobs.trainer import GraphTrainer
 
     ranks = 2
@@ -220,6 +224,7 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
         out = tmp_path / "after"
         out.mkdir()
         trainer.save(out)
+        rank_1 = ray.get(trainer.routers[1].save_dense.remote(str(tmp_path / "rank-1.safetensors")))
     finally:
         trainer.close()
     assert metrics["grad_norm"] > config.grad_clip  # the clip is exercised
@@ -230,6 +235,9 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
         assert not torch.equal(tensor, load_tensors(folder, [name])[name]) or tensor.dim() == 1, f"{name} did not move"
+    for name, tensor in safetensors.torch.load_file(tmp_path / "rank-1.safetensors").items():  # the ranks agree
+        assert torch.equal(tensor, got[name]), name
+    assert set(rank_1) == set(safetensors.torch.load_file(out / "model-dense.safetensors"))
 
 
 @pytest.mark.timeout(300)
@@ -314,3 +322,48 @@ def test_moeray_train_sft_runs_the_job_in_one_process(tmp_path):
     assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
     state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data_position"] == 2 * 8
+
+
+def test_training_shows_progress_and_writes_eval_json_by_default(tmp_path, capsys):
+    from cli.main import main
+
+    run_dir = tmp_path / "smoke"
+    assert main(["train", "sft", "--config", str(SMOKE), "--expert-actors", "0", "--run-dir", str(run_dir),
+                 "--set", "plot=false"]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[jobs.sft] step ")]
+    assert [line.split()[2].rstrip(",") for line in progress] == [f"{step}/6" for step in range(1, 7)]
+    assert "loss" in progress[-1] and "left" in progress[-1]
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["n"] == 20 and 0 <= evaluation["exact_match"] <= 1
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_line_every_few_steps_in_a_log():
+    import contextlib
+    import fcntl
+    import io
+    import pty
+    import struct
+    import termios
+
+    from jobs.progress import LINES_PER_RUN, Progress
+
+    log = io.StringIO()
+    progress = Progress("job", 200, initial=40, stream=log)
+    for step in range(41, 201):
+        progress.update(step, loss=0.5)
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == LINES_PER_RUN and lines[-1].startswith("[job] step 200/200, loss 0.5,")
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    with open(terminal, "w") as stream:
+        progress = Progress("job", 3, stream=stream)
+        for step in (1, 2, 3):
+            progress.update(step, loss=0.25)
+        progress.close()
+    shown = b""
+    with open(controller, "rb", buffering=0) as screen, contextlib.suppress(OSError):  # EIO: all read, pty closed
+        while chunk := screen.read(4096):
+            shown += chunk
+    assert all(part in shown.decode() for part in ("job: 100%", "3/3", "loss=0.25")), shown

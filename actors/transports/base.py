@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, NamedTuple
 
+import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
@@ -12,7 +13,7 @@ Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over 
 
 
 class ExpertReply(NamedTuple):
-    outputs: Tensor
+    outputs: Tensor  # a forward's outputs, or a backward's gradient of the tokens
     backward_handle: int | None  # set when the actor kept what its backward needs
 
 
@@ -48,18 +49,22 @@ class ExpertTransport(ABC):
                 raise ValueError(f"transport {cls.name!r} is registered twice")
             TRANSPORTS[cls.name] = cls
 
-    def __init__(self, actors: list, settings: TransportSettings, fallback: "ExpertTransport | None" = None):
-        self.actors, self.settings, self.fallback = actors, settings, fallback
+    def __init__(
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: "ExpertTransport | None" = None
+    ):
+        """`device`: the router's; replies are handed back on it."""
+        self.actors, self.settings, self.device, self.fallback = actors, settings, device, fallback
 
     @abstractmethod
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
         """Start the work of one MoE layer."""
 
-    def backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Gradients of the outputs -> gradients of the tokens, per actor."""
+    def send_backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> InFlight:
+        """Start the backward of one layer: per actor, the gradient of the outputs out (with the handle
+        its forward returned); the gradient of the tokens comes back as the reply's outputs."""
         if self.fallback is None:
             raise NotImplementedError(f"the {self.name} transport carries no backward pass")
-        return self.fallback.backward(handles, grads)
+        return self.fallback.send_backward(handles, grads)
 
     @property
     def healthy(self) -> bool:

@@ -11,6 +11,7 @@ import logging
 import time
 
 import ray
+import torch
 
 from .base import ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
 
@@ -35,10 +36,12 @@ class _Execution(InFlight):
 class CompiledGraphTransport(ExpertTransport):
     name = "compiled"
 
-    def __init__(self, actors: list, settings: TransportSettings, fallback: ExpertTransport | None = None):
+    def __init__(
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: ExpertTransport | None = None
+    ):
         if fallback is None:
             raise ValueError("the compiled transport needs the object store as its fallback")
-        super().__init__(actors, settings, fallback)
+        super().__init__(actors, settings, device, fallback)
         self.graph = None
         self._failures = 0
         self._next_retry = 0.0
@@ -51,13 +54,26 @@ class CompiledGraphTransport(ExpertTransport):
         context = DAGContext.get_current()  # Ray's 10 s defaults are too tight for a busy 2-core node
         context.get_timeout = context.submit_timeout = self.settings.timeout_s
 
+        tensor_transport = self._tensor_transport()
         with InputNode() as inputs:
             outputs = [
-                actor.forward_compiled.bind(inputs[i]).with_tensor_transport("auto")
+                actor.forward_compiled.bind(inputs[i]).with_tensor_transport(tensor_transport)
                 for i, actor in enumerate(self.actors)
             ]
             dag = MultiOutputNode(outputs)
         self.graph = dag.experimental_compile()
+
+    def _tensor_transport(self) -> str:
+        """NCCL ("auto") between actors on distinct GPUs; NCCL cannot join two ranks on one GPU, so
+        actors sharing one (fractional GPUs) exchange through host shared memory instead."""
+        if self.device.type != "cuda":
+            return "auto"  # shared memory on the CPU
+        gpus = [tuple(ray.get(actor.ready.remote())["gpu_ids"]) for actor in self.actors]
+        gpus.append(tuple(ray.get_gpu_ids()))
+        if len(set(gpus)) == len(gpus):
+            return "auto"
+        logger.info("compiled graph: actors share a GPU (%s), so tensors travel through host shared memory", gpus)
+        return "shm"
 
     @property
     def healthy(self) -> bool:

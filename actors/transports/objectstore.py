@@ -19,7 +19,8 @@ class _Calls(InFlight):
     def receive(self) -> dict[int, ExpertReply]:
         actors = list(self.refs)
         replies = self.transport.wait([self.refs[a] for a in actors])
-        return {a: ExpertReply(from_wire(outputs), handle) for a, (outputs, handle) in zip(actors, replies)}
+        device = self.transport.device
+        return {a: ExpertReply(from_wire(outputs, device), handle) for a, (outputs, handle) in zip(actors, replies)}
 
 
 class ObjectStoreTransport(ExpertTransport):
@@ -39,7 +40,5 @@ class ObjectStoreTransport(ExpertTransport):
             },
         )
 
-    def backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> dict[int, Tensor]:
-        actors = list(handles)
-        refs = [self.actors[a].backward.remote(handles[a], to_wire(grads[a])) for a in actors]
-        return {a: from_wire(grad) for a, grad in zip(actors, self.wait(refs))}
+    def send_backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> InFlight:
+        return _Calls(self, {a: self.actors[a].backward.remote(handle, to_wire(grads[a])) for a, handle in handles.items()})

@@ -21,20 +21,24 @@ class _RemotePending(PendingExperts):
         self.transport, self.plan, self.tokens, self.in_flight = transport, plan, tokens, in_flight
         self.handles: dict[int, int] = {}
 
-    def result(self) -> Tensor:
-        outputs = torch.empty_like(self.tokens)
-        for actor, reply in self.in_flight.receive().items():
-            self.plan.put(outputs, actor, reply.outputs)
+    def _gather(self, in_flight: InFlight) -> Tensor:
+        """Every actor's reply put back in the order of the tokens (the plan covers every row)."""
+        gathered = torch.empty_like(self.tokens)
+        for actor, reply in in_flight.receive().items():
+            self.plan.put(gathered, actor, reply.outputs)
             if reply.backward_handle is not None:
                 self.handles[actor] = reply.backward_handle
-        return outputs
+        return gathered
 
-    def backward(self, grad_outputs: Tensor) -> Tensor:
+    def result(self) -> Tensor:
+        return self._gather(self.in_flight)
+
+    def start_backward(self, grad_outputs: Tensor) -> None:
         grads = {actor: self.plan.take(grad_outputs, actor) for actor in self.handles}
-        grad_tokens = torch.zeros_like(self.tokens)
-        for actor, grad in self.transport.backward(self.handles, grads).items():
-            self.plan.put(grad_tokens, actor, grad)
-        return grad_tokens
+        self.in_flight = self.transport.send_backward(self.handles, grads)
+
+    def grad_tokens(self) -> Tensor:
+        return self._gather(self.in_flight)
 
 
 class RemoteExperts(ExpertBackend):
