@@ -37,9 +37,9 @@ from .data import arith_answer, arith_conversations, arith_messages
 from .eval_arith import evaluate_folder, heldout_problems
 from .grpo_config import GRPOConfig
 from .policy import GraphPolicy, Policy, policy_metrics
+from .progress import Progress
 from .rewards import Completion, Rewards
 from .rollouts import RolloutSample, Rollouts
-from .progress import Progress
 from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors
 from .trainer import GraphTrainer, export_model, restore_training_state, save_checkpoint, step_seed
 

@@ -95,8 +95,10 @@ class GRPOConfig(RunConfig):
     def _check_grpo(self) -> "GRPOConfig":
         if self.expert_actors < 1:
             raise ValueError("GRPO's rollouts run on the actor graph: expert_actors must be at least 1")
-        if self.minibatches > self.prompts_per_step * self.group_size:
-            raise ValueError("minibatches exceed the outputs of a step")
+        fewest_outputs = self.group_size if self.filter_groups else self.prompts_per_step * self.group_size
+        if fewest_outputs // self.minibatches < self.routers:
+            raise ValueError(f"a minibatch may hold fewer outputs ({fewest_outputs} // minibatches) than there "
+                             f"are routers ({self.routers}): every router needs some")
         if self.prompts_per_step * self.group_size > self.engine.max_queue:
             raise ValueError("a step's answers (prompts_per_step × group_size) exceed engine.max_queue")
         if self.model.init is None:

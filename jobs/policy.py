@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
 from model.checkpoint import SINGLE_FILE
+from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
 from model.training import OptimizerUpdate, ReferenceWeights
 
 from .trainer import DENSE_FILE, GraphTrainer, LocalTrainer, expert_file, step_seed
