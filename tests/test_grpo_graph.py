@@ -40,14 +40,19 @@ def fixed_batch(folder: Path, outputs: int = 8, prompt: int = 7, response: int =
         out = model(input_ids)
     logprobs = token_logprobs(out.logits, targets)
     noise = (torch.rand(logprobs.shape, generator=generator) - 0.5) * 0.8
-    routing = out.routing.clone()
-    moved = torch.rand(routing.shape[:2], generator=generator) < 0.2
-    routing[moved] = (routing[moved] + 1) % model.config.n_routed_experts
     rewards = torch.rand(outputs // 4, 4, generator=generator)
     return PolicyBatch(
         input_ids=input_ids, targets=targets, old_logprobs=torch.where(targets != IGNORE_INDEX, logprobs + noise, 0.0),
-        advantages=group_advantages(rewards).flatten(), routing=routing,
+        advantages=group_advantages(rewards).flatten(), routing=moved_routing(out.routing, model.config.n_routed_experts),
     )
+
+
+def moved_routing(routing: torch.Tensor, n_experts: int, share: float = 0.2) -> torch.Tensor:
+    """The routing with about `share` of the recorded tokens sent to other experts (expert + 1)."""
+    moved = routing.clone()
+    chosen = (torch.rand(routing.shape[:2], generator=torch.Generator().manual_seed(1)) < share) & (routing[..., 0, 0] >= 0)
+    moved[chosen] = (routing[chosen] + 1) % n_experts
+    return moved
 
 
 def two_updates(policy, batch: PolicyBatch) -> list[dict]:
@@ -116,8 +121,10 @@ def test_rollouts_record_routing_replay_makes_the_first_update_start_at_the_roll
         params = [sampling_params(config, 0, i) for i in range(len(prompts))]
         samples = [s for group in rollouts.sample(prompts, config.group_size, 6, params) for s in group]
         batch = policy_batch(samples, torch.linspace(-1, 1, len(samples)), tokenizer.pad_token_id)
+        experts = DeepseekV2ForCausalLM.from_pretrained(folder).config.n_routed_experts
+        moved = batch.model_copy(update={"routing": moved_routing(batch.routing, experts)})  # a record that disagrees
         free = GraphPolicy(trainer, GRPOSettings(beta=0.0, routing_replay=False))
-        parts, _ = free.update(0, batch, lr=0.0)  # lr 0: the weights stay the rollout's
+        parts, _ = free.update(0, moved, lr=0.0)  # lr 0: the weights stay the rollout's
         replayed = GraphPolicy(trainer, GRPOSettings(beta=0.0, routing_replay=True))
         replayed_parts, _ = replayed.update(1, batch, lr=1e-3)
     finally:
@@ -129,7 +136,8 @@ def test_rollouts_record_routing_replay_makes_the_first_update_start_at_the_roll
     assert int(recorded.sum()) == sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
     with torch.no_grad():
         chosen = DeepseekV2ForCausalLM.from_pretrained(folder)(batch.input_ids).routing
-    expected = float(routing_mismatch(chosen, batch.routing)[recorded].float().mean())
+    expected = float(routing_mismatch(chosen, moved.routing)[recorded].float().mean())
+    assert 0.05 < expected < 0.95  # the moved tokens, and only those the gate would not choose anyway
     assert policy_metrics(parts)["mismatch_rate"] == pytest.approx(expected, abs=1.5 / int(recorded.sum()))
     response = batch.targets != IGNORE_INDEX
     logprobs = torch.cat([p.logprobs for p in replayed_parts])
