@@ -24,6 +24,7 @@ import requests
 
 REQUEST_TIMEOUT_S = 120
 RETRYABLE_CODES = {"engine_unavailable", "overloaded", "rate_limit_exceeded"}
+RETRY_AFTER_S = 1.0  # what the server's Retry-After says for these
 
 
 @dataclass
@@ -96,6 +97,8 @@ def run_fault(target: Target, fault: str, kill: Callable[[], None], streams: int
                 outcome.outcomes[result] += 1
                 if result == "ok":
                     ok_after.append(time.monotonic())
+            if result == "retryable":
+                stop.wait(RETRY_AFTER_S)  # as a client that honours Retry-After
 
     workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(streams)]
     for worker in workers:

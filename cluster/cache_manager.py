@@ -17,7 +17,8 @@ def start_cache_manager(graph: ActorGraph, config: CacheManagerConfig) -> ray.ac
     which blocks the routers' running sequences hold: its creator replaces it instead)."""
     return (
         ray.remote(LatentKVCacheManager)
-        .options(name=cache_manager_name(graph.spec.name), namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+        .options(name=cache_manager_name(graph.spec.name), namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                 enable_task_events=False)  # as the graph's actors (cluster/graph.py)
         .remote(graph.routers, config.model_copy(update={"graph": graph.spec.name}))
     )
 

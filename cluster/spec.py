@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from actors.devices import ComputeDtype
 from actors.router import RouterSettings
-from actors.transports import TransportSettings, transport_names
+from actors.transports import TransportName, TransportSettings
 
 
 class ClusterSpec(BaseModel):
@@ -26,20 +26,13 @@ class ClusterSpec(BaseModel):
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
-    transport: str = Field("objectstore", description="a registered transport (actors/transports)")
+    transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     compiled_timeout_s: float = Field(
         30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
     )
     detached: bool = Field(False, description="outlive the driver (serving)")
     max_restarts: int = Field(3, ge=-1)
     max_task_retries: int = Field(3, ge=-1)
-
-    @field_validator("transport")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        if name not in transport_names():
-            raise ValueError(f"unknown transport {name!r}; one of {transport_names()}")
-        return name
 
     @model_validator(mode="after")
     def _one_compiled_graph_per_actor(self) -> "ClusterSpec":

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
-from actors.transports import transport_names
+from actors.transports import TransportName
 
 from engine.generation import (
     CacheError,
@@ -58,7 +58,7 @@ class AppArgs(BaseModel):
     routers: int = Field(1, ge=1)
     cpus_per_actor: float | None = Field(None, gt=0)
     cpu_threads_per_actor: int = Field(1, ge=1)
-    transport: str = Field("objectstore", description="a registered transport (actors/transports)")
+    transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
     require_api_key: bool = Field(False, description="refuse to build without a key (api_keys or MOERAY_API_KEYS)")
@@ -76,13 +76,6 @@ class AppArgs(BaseModel):
     coalesce_s: float = Field(0.02, ge=0, description="under load, gather tokens this long per streamed chunk")
     busy_streams: int = Field(8, ge=0, description="'under load' = more open streams than this")
     stats_interval_s: float = Field(5.0, gt=0)
-
-    @field_validator("transport")
-    @classmethod
-    def _registered_transport(cls, name: str) -> str:
-        if name not in transport_names():
-            raise ValueError(f"unknown transport {name!r}; one of {transport_names()}")
-        return name
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
+from typing import Annotated, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
 Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over all routed experts)
@@ -34,6 +34,15 @@ TRANSPORTS: dict[str, type["ExpertTransport"]] = {}
 
 def transport_names() -> list[str]:
     return sorted(TRANSPORTS)
+
+
+def registered_transport(name: str) -> str:
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown transport {name!r}; one of {transport_names()}")
+    return name
+
+
+TransportName = Annotated[str, AfterValidator(registered_transport)]  # a config field naming a transport
 
 
 class ExpertTransport(ABC):
