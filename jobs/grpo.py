@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from engine.generation import EngineUnavailable
 from model.grpo import PolicyBatch, group_advantages
 from model.sampling import SamplingParams
 from model.tokenizer import ChatTokenizer
@@ -41,7 +42,7 @@ from .progress import Progress
 from .rewards import Completion, Rewards
 from .rollouts import RolloutSample, Rollouts
 from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors
-from .trainer import GraphTrainer, export_model, restore_training_state, save_checkpoint, step_seed
+from .trainer import GraphTrainer, export_model, lost_an_actor, restore_training_state, save_checkpoint, step_seed
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
@@ -339,10 +340,16 @@ def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> 
             plot(metrics.records, run_dir / PLOT_FILE)
         return {"run_dir": str(run_dir), **result}
 
-    result = resume_on_lost_actors(config, run_dir, start, attempt, log)
+    result = resume_on_lost_actors(config, run_dir, start, attempt, log, lost=lost_a_graph_process)
     evaluate_and_export(config, run_dir, result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def lost_a_graph_process(error: BaseException) -> bool:
+    """A process of the graph died: seen by the update (an actor error) or by the rollouts (the engine
+    reports a router lost mid-request as EngineUnavailable; the training graph never restarts one)."""
+    return lost_an_actor(error) or isinstance(error, EngineUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,16 +307,22 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
 
 def resume_on_lost_actors(
-    config: RunConfig, run_dir: Path, start: Start, attempt: Callable[[Start], dict[str, Any]], log: Callable[[str], None]
+    config: RunConfig,
+    run_dir: Path,
+    start: Start,
+    attempt: Callable[[Start], dict[str, Any]],
+    log: Callable[[str], None],
+    lost: Callable[[BaseException], bool] = lost_an_actor,
 ) -> dict[str, Any]:
-    """attempt(start); when a process of its graph dies, again from the newest complete checkpoint (on
-    a new graph), up to config.max_failures times. The result says how many failures it survived."""
+    """attempt(start); when a process of its graph dies (`lost` says whether an error means that), again
+    from the newest complete checkpoint (on a new graph), up to config.max_failures times. The result
+    says how many failures it survived."""
     failures = 0
     while True:
         try:
             return {**attempt(start), "failures": failures}
         except Exception as error:
-            if not lost_an_actor(error) or failures >= config.max_failures:
+            if not lost(error) or failures >= config.max_failures:
                 raise
             failures += 1
             log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
