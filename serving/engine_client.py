@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+from ray.serve.exceptions import RequestCancelledError
 
 from .errors import APIError, api_error, engine_unavailable
 from engine.generation import EngineBatch, GenerationRequest, Usage
@@ -14,15 +16,15 @@ logger = logging.getLogger("ray.serve")
 
 
 class EngineWatch:
-    """Whether the engine replica answers a cheap call, asked once a second while requests wait for
-    their first batch or the replica is down (never while idle). While it does not answer (Serve is
-    restarting it), requests are answered 503 with Retry-After at once, and requests still waiting for
-    their first batch give up with the same answer rather than hang until the new replica is up."""
+    """Whether the engine replica answers a cheap call, asked once a second while calls wait for its
+    answer or it is down (never while idle). While it does not answer (Serve is restarting it), requests
+    are answered 503 with Retry-After at once, and calls still waiting (a stream's first batch, stats,
+    sessions) give up with the same answer rather than hang until the new replica is up."""
 
     def __init__(self, engine, interval_s: float = 1.0, timeout_s: float = 3.0):
         self.engine, self.interval_s, self.timeout_s = engine, interval_s, timeout_s
         self.up = True
-        self.waiting = 0  # requests waiting for their first batch
+        self.waiting = 0  # calls waiting for the replica's answer
         self._down = asyncio.Event()
         self._prober: asyncio.Task | None = None
 
@@ -52,10 +54,6 @@ class EngineWatch:
         else:
             self._down.set()
 
-    def outage(self) -> Awaitable[bool]:
-        """Resolves when the replica is next found not answering."""
-        return self._down.wait()
-
     def mark_down(self) -> None:
         """A call found the replica gone; the probe says when it is back."""
         self._set(False)
@@ -65,17 +63,39 @@ class EngineWatch:
         if not self.up:
             raise engine_unavailable()
 
+    async def unless_down(self, call: Awaitable, on_outage: Callable[[], None] = lambda: None):
+        """The result of a call to the engine replica, unless the replica is found down first: then
+        `on_outage()` and a 503. (A call to a replica that died waits, in Serve, for the next one.)"""
+        self.check()
+        answer, outage = asyncio.ensure_future(call), asyncio.ensure_future(self._down.wait())
+        self.waiting += 1
+        self.probe()
+        try:
+            await asyncio.wait({answer, outage}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.waiting -= 1
+            outage.cancel()
+        if not answer.done():
+            answer.cancel()
+            on_outage()
+            raise engine_unavailable()
+        return answer.result()
+
     async def call(self, method: str, *args):
         """A unary call to the engine replica; its errors as APIErrors."""
-        self.check()
         try:
-            return await getattr(self.engine, method).remote(*args)
+            return await self.unless_down(getattr(self.engine, method).remote(*args))
+        except APIError:
+            raise
         except Exception as error:
             raise self.error(error, {}, method) from None
 
     def error(self, error: Exception, params: Mapping[str, str], what: str) -> APIError:
         """An engine exception through `serving.errors.ENGINE_ERRORS`; anything else means the replica
-        could not be reached: 503."""
+        could not be reached: 503. A call cancelled because its client went away says nothing about the
+        replica: it is a cancellation here too."""
+        if isinstance(error, RequestCancelledError):
+            raise asyncio.CancelledError() from error
         mapped = api_error(error, params)
         if mapped is not None:
             return mapped
@@ -96,21 +116,10 @@ class EngineStream:
         """`params`: the request parameter behind each GenerationRequest field, for error messages."""
         watch.check()
         stream = watch.engine.generate.options(stream=True).remote(request)
-        first_batch = asyncio.ensure_future(stream.__anext__())
-        outage = asyncio.ensure_future(watch.outage())
-        watch.waiting += 1
-        watch.probe()
         try:
-            await asyncio.wait({first_batch, outage}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.waiting -= 1
-            outage.cancel()
-        if not first_batch.done():
-            first_batch.cancel()
-            stream.cancel()
-            raise engine_unavailable()
-        try:
-            first = first_batch.result()
+            first = await watch.unless_down(stream.__anext__(), on_outage=stream.cancel)
+        except APIError:
+            raise
         except StopAsyncIteration:
             raise APIError(500, "The engine ended the stream without a result.", "server_error") from None
         except Exception as error:

@@ -194,7 +194,7 @@ def test_four_times_the_sessions_the_cache_holds_are_offloaded_and_restored_exac
     assert result["offload_files_after_first_turns"] == result["offloaded_to_disk_after_first_turns"], result
     assert result["restores"] >= result["sessions"] - resident, result
     assert result["lost"] == result["wrong_answers"] == result["not_fully_restored"] == 0, result
-    assert result["files_left_after_end"] == result["sessions_left_after_end"] == 0, result
+    assert result["orphan_files_after_end"] == result["sessions_left_after_end"] == 0, result
 
 
 # ---- gRPC -----------------------------------------------------------------------------------------
