@@ -61,7 +61,8 @@ def test_kill_9_then_resume_gets_the_rewards_of_an_uninterrupted_run(ray_cluster
 
 
 @pytest.mark.timeout(300)
-def test_moeray_train_grpo_runs_the_job_and_rejects_a_config_it_cannot_run(ray_cluster, tmp_path):
+def test_moeray_train_grpo_runs_the_job(ray_cluster, tmp_path):
+    """(Its user mistakes are one line: tests/test_entry_points.py.)"""
     from cli.main import main
 
     run_dir = tmp_path / "cli-run"
@@ -69,9 +70,5 @@ def test_moeray_train_grpo_runs_the_job_and_rejects_a_config_it_cannot_run(ray_c
                  "--set", "plot=false", "--set", "eval.conversations=0", "--set", "eval.single_turn=0"]) == 0
     assert (run_dir / "latest").read_text().strip() == "checkpoint-1"
     assert json.loads((run_dir / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "grpo", "--config", str(GRPO_SMOKE), "--set", "group_size=1", "--run-dir", str(tmp_path)])
-    assert "group_size" in str(exit_info.value)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "grpo", "--config", str(GRPO_SMOKE), "--set", "grpo.no_such_key=1"])
-    assert "no_such_key" in str(exit_info.value)
+    task = json.loads((run_dir / "checkpoint-1" / "arith_task.json").read_text())
+    assert task["multi_turn"] is True  # what GRPO on conversations teaches (moeray quickstart reads it)
