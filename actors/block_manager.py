@@ -178,6 +178,7 @@ class _Sequence:
     router: int
     blocks: list[int]
     session: tuple[str, str] | None
+    generation: int  # the weights it was computed with (see drop_prefixes): only current ones are cached
 
 
 @dataclass
@@ -231,6 +232,7 @@ class BlockManager:
         self.offloads = 0
         self.restores = 0
         self.moves = 0
+        self.generation = 0  # bumped by drop_prefixes
         self.session_idle_s, self.max_sessions_per_owner, self.clock = session_idle_s, max_sessions_per_owner, clock
         self.sessions_ended = {"ended": 0, "expired": 0, "replaced": 0, "lost": 0}
 
@@ -277,7 +279,7 @@ class BlockManager:
         if partial:
             self.store.copy_blocks(router, [(partial[0], fresh[0])])
         blocks = reused + fresh
-        self.sequences[seq_id] = _Sequence(router, blocks, key)
+        self.sequences[seq_id] = _Sequence(router, blocks, key, self.generation)
         if key is not None:
             self.session_owner[session_id] = owner
             self.sessions.setdefault(key, _Session(router, last_used=self.clock())).busy = True
@@ -387,6 +389,8 @@ class BlockManager:
             self._register(sequence, tokens)
 
     def _register(self, sequence: _Sequence, tokens: list[int]) -> None:
+        if sequence.generation != self.generation:  # computed by weights that have changed since
+            return
         pool = self.pools[sequence.router]
         parent = b""
         for i in range(len(tokens) // self.block_size):
@@ -431,6 +435,20 @@ class BlockManager:
             session.busy = False
             if not session.blocks and session.offloaded is None:
                 self._end(sequence.session, None)
+
+    def drop_prefixes(self) -> int:
+        """Forget every cached prefix (the weights changed, e.g. a GRPO update: the latents are stale);
+        sequences running now finish without registering theirs. Returns the blocks freed. Sessions
+        keep their turns: an engine whose weights change under live sessions is not supported."""
+        self.generation += 1
+        freed = 0
+        for pool in self.pools:
+            freed += len(pool.evictable)
+            pool.free.extend(pool.evictable)
+            pool.evictable.clear()
+            pool.by_key.clear()
+            pool.key_of.clear()
+        return freed
 
     # ---- offload and restore --------------------------------------------------------------------
     def _offload_one(self, router: int, exclude: tuple[str, str] | None) -> bool:
@@ -547,7 +565,7 @@ class BlockManager:
                 if block not in pool.refs:
                     pool.free.remove(block)
                 pool.ref(block)
-            self.sequences[seq_id] = _Sequence(router, list(blocks), None)
+            self.sequences[seq_id] = _Sequence(router, list(blocks), None, self.generation)
 
     # ---- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -16,7 +16,7 @@ from torch import Tensor
 from model import DeepseekV2Config, LocalExperts
 from model.checkpoint import write_shard
 from model.moe import make_experts
-from model.training import AdamWSettings, NamedAdamW, autocast, grad_sq_norm, gradients, zero_grads
+from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast, grad_sq_norm, gradients, zero_grads
 
 from .devices import ComputeDtype, actor_device, compute_dtype
 from .wire import WireTensor, from_wire, to_wire
@@ -40,6 +40,7 @@ class ExpertActor:
         self.local = LocalExperts.from_pretrained(model_dir, self.config, experts, self.dtype, self.device)
         self.optimizer: NamedAdamW | None = None  # set by configure_training
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
+        self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
 
     def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
@@ -133,6 +134,22 @@ class ExpertActor:
     def load_optimizer(self, paths: list[str]) -> int:
         """Take this actor's parameters' AdamW state from named state files; returns how many found."""
         return self._configured_optimizer().load(paths)
+
+    # ---- GRPO: the reference's experts (π_ref), swapped in place for reference forwards -----------------
+    def configure_reference(self) -> None:
+        self.reference = ReferenceWeights(self.local.named_parameters())
+
+    def use_reference(self, reference: bool) -> None:
+        self.reference.use(reference)
+
+    def reset_reference(self) -> None:
+        self.reference.reset()
+
+    def save_reference(self, path: str) -> dict[str, int]:
+        return self.reference.save(path)
+
+    def load_reference(self, directory: str) -> None:
+        self.reference.load(directory)
 
     def _configured_optimizer(self) -> NamedAdamW:
         if self.optimizer is None:

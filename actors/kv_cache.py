@@ -121,6 +121,8 @@ class LatentKVCacheManager:
 
     def adopt(self, sequences: list[tuple[str, int, list[int]]]) -> None:
         self.books.adopt(sequences)
+    def drop_prefixes(self) -> int:
+        return self.books.drop_prefixes()
 
     def stats(self) -> dict:
         return {**self.books.stats(), "offload_dir": str(self.offload_dir)}

@@ -22,11 +22,13 @@ from torch import Tensor
 
 from model import DeepseekV2ForCausalLM, LatentCache, LocalExperts
 from model.checkpoint import write_shard
+from model.grpo import GRPOSettings, PolicyBatch, PolicyParts, policy_backward, policy_logprobs
 from model.sampling import Sampled
 from model.training import (
     AdamWSettings,
     NamedAdamW,
     OptimizerUpdate,
+    ReferenceWeights,
     StepParts,
     clip_scale,
     dense_parameters,
@@ -83,6 +85,7 @@ class RouterActor:
         self.cache: LatentCache | None = None
         self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
+        self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
@@ -172,12 +175,14 @@ class RouterActor:
             return self.model.generate(prompts, max_new_tokens, **sampling)
 
     # ---- serving: the paged latent cache, the running sequences and one continuous-batching step -----
-    async def init_cache(self, cache_bytes: int, block_size: int) -> CacheShape:
+    async def init_cache(self, cache_bytes: int, block_size: int, record_routing: bool = False) -> CacheShape:
         """Allocate this router's block pool within `cache_bytes` (the cache manager decides who owns
-        which block); running sequences are forgotten."""
+        which block); running sequences are forgotten. record_routing: every cached token also keeps
+        the experts it was routed to (GRPO's routing replay reads them with `sequences_routing`)."""
         bytes_per_token = LatentCache.bytes_per_token(self.model.config, self.dtype)
         num_blocks = cache_bytes // (block_size * bytes_per_token)
-        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        self.cache = LatentCache(self.model.config, num_blocks, block_size, dtype=self.dtype, device=self.device,
+                                 record_routing=record_routing)
         self.sequences = SequenceTable(self.model.config.vocab_size, self.device)
         return CacheShape(num_blocks, block_size, bytes_per_token, self.cache.nbytes)
 
@@ -200,6 +205,15 @@ class RouterActor:
         with torch.no_grad():
             logits = self.model(input_ids, cache=cache, cache_batch=batch, logits_at=batch.last_tokens).logits[0]
         return self.sequences.sample(request.chunks, logits)
+
+    async def sequences_routing(self, sequences: list[tuple[str, int]]) -> list[Tensor]:
+        """For each (seq_id, length) of running sequences: [length, MoE layers, K], the experts each of
+        its first `length` cached tokens was routed to (a cache made with record_routing)."""
+
+        def read() -> list[Tensor]:
+            return [self._pool().read_routing(self.sequences.running[seq].block_table, n).cpu() for seq, n in sequences]
+
+        return await self._step(read)
 
     async def export_blocks(self, block_ids: list[int]) -> Tensor:
         """The blocks' contents in host memory (they leave this device for an offload tier or a router)."""
@@ -298,6 +312,49 @@ class RouterActor:
 
     async def set_rng_state(self, state: Tensor) -> None:
         await self._step(torch.set_rng_state, state)
+
+    # ---- GRPO: the policy update and the reference (π_ref), on these same weights (jobs/policy.py) -----
+    async def policy_step(
+        self, batch: PolicyBatch, settings: GRPOSettings, output_weight: float, seed: int, update: OptimizerUpdate
+    ) -> PolicyParts:
+        """One optimizer step of GRPO: this rank's forward (replaying the rollout's routing when the
+        settings say so) + backward of its outputs, then the update SFT's steps take. Returns the
+        objective's parts, with the global gradient norm."""
+
+        def run() -> PolicyParts:
+            parts = policy_backward(self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype)
+            return parts.model_copy(update={"grad_norm": self._update(update)})
+
+        return await self._step(run)
+
+    async def logprobs(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+        """log π of each target with the weights in place (the reference's after use_reference(True))."""
+
+        def run() -> Tensor:
+            ids, tgt = input_ids.to(self.device), targets.to(self.device)
+            return policy_logprobs(self.model, ids, tgt, self.train_dtype).cpu()
+
+        return await self._step(run)
+
+    async def configure_reference(self) -> None:
+        """Freeze a copy of the dense weights as the reference."""
+
+        def run() -> None:
+            self.reference = ReferenceWeights(dense_parameters(self.model))
+
+        await self._step(run)
+
+    async def use_reference(self, reference: bool) -> None:
+        await self._step(self.reference.use, reference)
+
+    async def reset_reference(self) -> None:
+        await self._step(self.reference.reset)
+
+    async def save_reference(self, path: str) -> dict[str, int]:
+        return await self._step(self.reference.save, path)
+
+    async def load_reference(self, directory: str) -> None:
+        await self._step(self.reference.load, directory)
 
     # ---- transports and placement -----------------------------------------------------------------
     async def set_transport(self, name: str) -> str:

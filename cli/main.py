@@ -132,6 +132,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # Commands whose module parses its own arguments: (command words) -> (module with main(argv), help).
 DELEGATED = {
     ("train", "sft"): ("jobs.sft", "pretraining / SFT: the arguments of `python -m jobs.sft`"),
+    ("train", "grpo"): ("jobs.grpo", "GRPO (rollouts by the serving engine): the arguments of `python -m jobs.grpo`"),
     ("k8s", "render"): ("k8s.render", "print an overlay's Kubernetes manifests: the arguments of `python -m k8s.render`"),
 }
 

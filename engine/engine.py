@@ -64,6 +64,7 @@ class EngineConfig(BaseModel):
     max_sessions_per_owner: int | None = Field(1024, ge=1, description="past it, a key's LRU idle session ends")
     owner_limits: OwnerLimits = Field(default_factory=OwnerLimits, description="per API key rate and concurrency")
     recovery_timeout_s: float = Field(120.0, gt=0, description="how long to wait for a restarted router")
+    record_routing: bool = Field(False, description="the caches keep every token's experts (return_routing)")
 
 
 _DONE = object()
@@ -81,6 +82,7 @@ class _Choice:
     prefilled: int = -1  # prompt tokens in the cache; -1 = not admitted yet
     next_input: int | None = None  # the token sampled last step, fed this step
     done: bool = False
+    last_event: TokenEvent | None = None  # a finished choice's last event, sent by _finish
 
     @property
     def prompt(self) -> list[int]:
@@ -129,7 +131,8 @@ class Engine:
     ) -> "Engine":
         """Allocate every router's block pool and start the graph's cache manager."""
         shapes: list[CacheShape] = await asyncio.gather(
-            *(r.init_cache.remote(config.cache_bytes_per_router, config.block_size) for r in graph.routers)
+            *(r.init_cache.remote(config.cache_bytes_per_router, config.block_size, config.record_routing)
+              for r in graph.routers)
         )
         manager_config = CacheManagerConfig(
             num_blocks=shapes[0].num_blocks,
@@ -216,6 +219,11 @@ class Engine:
         """False once the scheduling loop has stopped (it never stops on a request's failure)."""
         return not self._loop_task.done()
 
+    async def drop_cached_prefixes(self) -> int:
+        """Forget every cached prefix (after the weights change: GRPO calls this after each update);
+        returns the blocks freed."""
+        return await self._manager_call("drop_prefixes")
+
     async def shutdown(self) -> None:
         self._loop_task.cancel()
         for request_id in list(self.requests):
@@ -236,6 +244,8 @@ class Engine:
                 f"asks for {request.max_tokens}.",
                 "max_tokens",
             )
+        if request.return_routing and not self.config.record_routing:
+            raise EngineError("return_routing needs an engine whose caches record routing (record_routing)")
         if len(self.waiting) + request.n > self.config.max_queue:
             raise Overloaded(f"{len(self.waiting)} requests are waiting; try again later")
         return request.max_tokens or min(self.config.default_max_tokens, limit - prompt)
@@ -286,8 +296,10 @@ class Engine:
         self._to_open.pop(router, None)
         self._to_close.pop(router, None)  # the new process never opened them
         handle = self.graph.routers[router]
-        await asyncio.wait_for(handle.init_cache.remote(self.config.cache_bytes_per_router, self.config.block_size),
-                               self.config.recovery_timeout_s)
+        await asyncio.wait_for(
+            handle.init_cache.remote(self.config.cache_bytes_per_router, self.config.block_size, self.config.record_routing),
+            self.config.recovery_timeout_s,
+        )
         await self._manager_call("reset_router", router)
         self.recoveries["router_restarts"] += 1
 
@@ -372,6 +384,7 @@ class Engine:
             stepped.append(choice)
         request = StepRequest(chunks, self._to_open.pop(router, []), self._to_close.pop(router, []))
         results: list[Sampled | None] = await self.graph.routers[router].step.remote(request)
+        finished: list[_Choice] = []
         for choice, chunk, sampled in zip(stepped, chunks, results):
             if choice.done:
                 continue
@@ -380,10 +393,13 @@ class Engine:
                 if choice.prefilled == len(choice.prompt):  # later arrivals (and choices 1..n-1) share it now
                     self.manager.register_prefix.remote(choice.seq_id, choice.prompt)
                     self._wakeup.set()
-            if sampled is not None:
-                self._accept(choice, sampled)
+            if sampled is not None and self._accept(choice, sampled):
+                finished.append(choice)
+        await self._finish(router, finished)
 
-    def _accept(self, choice: _Choice, sampled: Sampled) -> None:
+    def _accept(self, choice: _Choice, sampled: Sampled) -> bool:
+        """Record the sampled token and stream its event; True when it ends the choice (its last event
+        then waits in choice.last_event for _finish)."""
         request = choice.request
         token = sampled.token
         choice.output.append(token)
@@ -394,25 +410,51 @@ class Engine:
             finish = "stop" if stopped else None
         if finish is None and len(choice.output) >= request.max_tokens:
             text, finish = text + choice.text.finish(), "length"
-        request.queue.put_nowait(TokenEvent(choice=choice.index, token_id=token, text=text, logprob=sampled.logprob,
-                                            top_logprobs=sampled.top_logprobs, finish_reason=finish))
+        event = TokenEvent(choice=choice.index, token_id=token, text=text, logprob=sampled.logprob,
+                           top_logprobs=sampled.top_logprobs, finish_reason=finish)
         if finish is None:
+            request.queue.put_nowait(event)
             choice.next_input = token
-            return
-        choice.done = True
+            return False
+        choice.done, choice.last_event = True, event
         self.running.remove(choice)
-        # The last sampled token was never fed back, so the cache holds every token but that one.
-        self.manager.finish.remote(choice.seq_id, (choice.prompt + choice.output)[:-1])
-        self._to_close.setdefault(choice.router, []).append(choice.seq_id)
-        if all(c.done for c in request.choices):
-            request.finished = True
-            self.requests.pop(request.spec.request_id, None)
-            request.queue.put_nowait(Usage(
-                prompt_tokens=len(request.spec.prompt_ids),
-                completion_tokens=sum(len(c.output) for c in request.choices),
-                cached_tokens=request.cached_tokens,
-            ))
-            request.queue.put_nowait(_DONE)
+        return True
+
+    async def _finish(self, router: int, choices: list[_Choice]) -> None:
+        """Send the finished choices' last events (with their routing when asked: read before their
+        blocks go back), release their blocks and close them on their router."""
+        asked = [c for c in choices if c.request.spec.return_routing]
+        if asked:
+            try:
+                routings = await self.graph.routers[router].sequences_routing.remote(
+                    [(c.seq_id, len(c.prompt) + len(c.output) - 1) for c in asked]
+                )
+            except Exception:  # the router failed: these choices end with their requests, unanswered
+                for choice in choices:
+                    choice.last_event = None
+                    self._release(choice)
+                for request in {id(c.request): c.request for c in choices}.values():
+                    self._fail(request, EngineUnavailable(f"router {router} failed while this request ran"))
+                raise
+            for choice, routing in zip(asked, routings):
+                choice.last_event.routing = routing.tolist()
+        for choice in choices:
+            choice.request.queue.put_nowait(choice.last_event)
+            choice.last_event = None
+            # The last sampled token was never fed back, so the cache holds every token but that one.
+            self.manager.finish.remote(choice.seq_id, (choice.prompt + choice.output)[:-1])
+            self._to_close.setdefault(choice.router, []).append(choice.seq_id)
+        for request in {id(c.request): c.request for c in choices}.values():
+            # Done, last event sent (another router's choices may still wait for their routing).
+            if all(c.done and c.last_event is None for c in request.choices) and not request.finished:
+                request.finished = True
+                self.requests.pop(request.spec.request_id, None)
+                request.queue.put_nowait(Usage(
+                    prompt_tokens=len(request.spec.prompt_ids),
+                    completion_tokens=sum(len(c.output) for c in request.choices),
+                    cached_tokens=request.cached_tokens,
+                ))
+                request.queue.put_nowait(_DONE)
 
     def _release(self, choice: _Choice) -> None:
         """Give an admitted choice's blocks back and forget it on its router."""

@@ -30,6 +30,8 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] = []
     owner: str = ""
     session_id: str | None = None
+    return_routing: bool = Field(False, description="each choice's last event carries the routing of its "
+                                 "tokens (an engine made with record_routing; GRPO's routing replay)")
 
 
 class TokenEvent(BaseModel):
@@ -39,6 +41,9 @@ class TokenEvent(BaseModel):
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = []
     finish_reason: Literal["stop", "length"] | None = None
+    # With return_routing, on the choice's last event: [token][MoE layer][k], the experts every token of
+    # prompt + answer but the last was routed to as the engine computed it (the last was never fed).
+    routing: list[list[list[int]]] | None = None
 
 
 class Usage(BaseModel):

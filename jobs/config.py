@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.training import AdamWSettings
 
-from .data import DataConfig
+from .data import ArithConfig, DataConfig
 
 
 class ModelSource(BaseModel):
@@ -81,15 +82,15 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 8
 
 
-class TrainConfig(BaseModel):
+class RunConfig(BaseModel):
+    """What every training job on the actor graph shares: the model to start from, the optimizer and
+    its schedule, the graph's shape, checkpoints and logs. TrainConfig (SFT) and GRPOConfig add theirs."""
+
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = "runs/sft"
     model: ModelSource = Field(default_factory=ModelSource)
     moe: MoETraining = Field(default_factory=MoETraining)
-    data: DataConfig = Field(default_factory=DataConfig)
-    seq_len: int = Field(64, ge=2)
-    batch_size: int = Field(32, ge=1, description="rows per optimizer step, split over the routers")
     steps: int = Field(100, ge=1)
     schedule: Schedule = Field(default_factory=Schedule)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -111,13 +112,10 @@ class TrainConfig(BaseModel):
                               "process of its graph dies")
     progress: bool = True
     plot: bool = True
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     export_dir: str | None = Field(None, description="also write the final model (HF folder + tokenizer) here")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.batch_size % self.routers:
-            raise ValueError(f"batch_size={self.batch_size} must split evenly over routers={self.routers}")
+    def _check_graph_and_model(self) -> "RunConfig":
         if self.expert_actors == 0 and self.routers != 1:
             raise ValueError("one-process training (expert_actors=0) has one rank")
         if self.model.init is None and self.model.preset is None:
@@ -128,6 +126,46 @@ class TrainConfig(BaseModel):
         """The optimizer every owner of parameters builds (the lr is the schedule's peak; each step
         passes its own)."""
         return AdamWSettings(lr=self.schedule.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
+
+    def arith_task(self) -> ArithConfig | None:
+        """The synthetic arithmetic task this run trains on, if any (saved next to the model)."""
+        return None
+
+    def check_files(self) -> None:
+        """The files the config names exist, before any work starts (a ConfigError if not)."""
+        init, tokenizer = self.model.init, self.model.tokenizer
+        if init is not None and not (Path(init) / "config.json").is_file():
+            raise ConfigError(f"model.init: {init} is not a model folder (no config.json)")
+        if tokenizer != "bundled" and not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise ConfigError(f"model.tokenizer: {tokenizer} has no tokenizer.json (or say 'bundled')")
+
+
+class TrainConfig(RunConfig):
+    """Pretraining / SFT (jobs.sft)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    seq_len: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=1, description="rows per optimizer step, split over the routers")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "TrainConfig":
+        if self.batch_size % self.routers:
+            raise ValueError(f"batch_size={self.batch_size} must split evenly over routers={self.routers}")
+        return self
+
+    def arith_task(self) -> ArithConfig | None:
+        return self.data.arith if self.data.source == "arith" else None
+
+    def check_files(self) -> None:
+        super().check_files()
+        if self.data.source == "file" and self.data.path is None:
+            raise ConfigError("data.path: required when data.source is 'file'")
+        if self.data.source == "file" and not Path(self.data.path).exists():
+            raise ConfigError(f"data.path: {self.data.path} does not exist")
+
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
 
 
 class ConfigError(ValueError):
@@ -170,21 +208,9 @@ def _validation_message(error: ValidationError) -> str:
     return _one_line(f"{key}: {what}{got}{more}")
 
 
-def _check_files(config: TrainConfig) -> None:
-    """The files a config names exist, before any work starts."""
-    init, tokenizer, data = config.model.init, config.model.tokenizer, config.data
-    if init is not None and not (Path(init) / "config.json").is_file():
-        raise ConfigError(f"model.init: {init} is not a model folder (no config.json)")
-    if tokenizer != "bundled" and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise ConfigError(f"model.tokenizer: {tokenizer} has no tokenizer.json (or say 'bundled')")
-    if data.source == "file" and data.path is None:
-        raise ConfigError("data.path: required when data.source is 'file'")
-    if data.source == "file" and not Path(data.path).exists():
-        raise ConfigError(f"data.path: {data.path} does not exist")
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file, then `key.sub=value` overrides (values parsed as YAML). Any problem is a ConfigError."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[ConfigT] = TrainConfig) -> ConfigT:
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML), validated by `schema`, the
+    files it names checked. Any problem is a ConfigError."""
     data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         if "=" not in item:
@@ -196,16 +222,45 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"{key.strip()}: the value {value!r} is not valid YAML: {_one_line(error)}") from None
         _set_path(data, key.strip(), parsed)
     try:
-        config = TrainConfig.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_validation_message(error)) from None
-    _check_files(config)
+    config.check_files()
     return config
 
 
-def load_config_or_exit(prog: str, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config_or_exit(
+    prog: str, path: str | Path | None, overrides: list[str] = (), schema: type[ConfigT] = TrainConfig
+) -> ConfigT:
     """`load_config` for a command line: any problem ends the process with one line that names it."""
     try:
-        return load_config(path, overrides)
+        return load_config(path, overrides, schema)
     except (OSError, ConfigError) as error:
         raise SystemExit(f"{prog}: error: {_one_line(error)}") from None
+
+
+# The command-line flags every job takes besides --set: flag -> config key.
+SHORTCUT_FLAGS = {
+    "--run-dir": "run_dir", "--steps": "steps", "--seed": "seed", "--expert-actors": "expert_actors",
+    "--routers": "routers", "--dtype": "dtype", "--export-dir": "export_dir",
+}  # fmt: skip
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments of a training job: --config, --resume, --overwrite, --set KEY=VALUE, shortcuts."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file (jobs/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    for flag, key in SHORTCUT_FLAGS.items():
+        parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, schema: type[ConfigT]) -> ConfigT:
+    """The job's config from its parsed arguments; any problem ends the process with one line."""
+    overrides = list(args.set) + [
+        f"{key}={getattr(args, key)}" for key in SHORTCUT_FLAGS.values() if getattr(args, key) is not None
+    ]
+    return load_config_or_exit(parser.prog, args.config, overrides, schema)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -34,6 +35,10 @@ class ArithConfig(BaseModel):
     negative_results: bool = Field(False, description="also ask a - b with a < b")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="questions never trained on")
     seed: int = 1234
+    system_max_chars: int = Field(
+        0, ge=0, description="put each question behind a system message of 0..N random characters, so answers "
+        "are learned at varied positions (0 = questions at the start of the row)"
+    )
 
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -69,9 +74,42 @@ def arith_split(config: ArithConfig) -> dict[str, list[tuple[int, str, int]]]:
     return {"heldout": problems[:n_heldout], "train": problems[n_heldout:]}
 
 
+FILLER_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
+
+
+def filler_system_message(rng: random.Random, max_chars: int) -> list[dict[str, str]]:
+    """A system message of 0..max_chars random printable characters (none when it draws 0): it moves
+    the question's position, and its digits are noise the answer must ignore; it is never a question
+    nor an answer, so no row shows a conversation."""
+    length = rng.randint(0, max_chars)
+    return [{"role": "system", "content": "".join(rng.choices(FILLER_CHARACTERS, k=length))}] if length else []
+
+
 def arith_records(config: ArithConfig, split: str = "train") -> list[dict[str, Any]]:
-    """Chat records ({"messages": [...]}) of one split."""
-    return [{"messages": arith_messages(*p)} for p in arith_split(config)[split]]
+    """Chat records ({"messages": [...]}) of one split, each behind its (seeded) filler system message
+    when config.system_max_chars > 0."""
+    rng = random.Random(f"{config.seed}-{split}-filler")
+    return [
+        {"messages": [*filler_system_message(rng, config.system_max_chars), *arith_messages(*p)]}
+        for p in arith_split(config)[split]
+    ]
+
+
+def arith_conversations(
+    config: ArithConfig, split: str, n: int, seed: int, min_turns: int = 2, max_turns: int = 4
+) -> list[tuple[list[dict[str, str]], str]]:
+    """n conversations of min_turns..max_turns questions, with the expected last answer: the earlier
+    questions (from the train split) answered correctly, the last one (from `split`) unanswered. A pure
+    function of its arguments, so a step of a run (or an evaluation) draws the same conversations again."""
+    problems = arith_split(config)
+    rng = random.Random(f"{config.seed}-{split}-conversations-{seed}")
+    conversations = []
+    for _ in range(n):
+        earlier = [rng.choice(problems["train"]) for _ in range(rng.randint(min_turns, max_turns) - 1)]
+        last = rng.choice(problems[split])
+        messages = [m for p in earlier for m in arith_messages(*p)] + arith_messages(*last, with_answer=False)
+        conversations.append((messages, arith_answer(*last)))
+    return conversations
 
 
 # ---- records from files ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -28,7 +28,7 @@ import yaml
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
 
-from .config import TrainConfig, load_config_or_exit
+from .config import RunConfig, TrainConfig, config_from_args, job_parser
 from .data import TrainingData
 from .progress import Progress
 from .trainer import (
@@ -57,13 +57,13 @@ def log(message: str) -> None:
 # ---- the model to start from ----------------------------------------------------------------------
 
 
-def load_tokenizer(config: TrainConfig, vocab_size: int | None) -> ChatTokenizer:
+def load_tokenizer(config: RunConfig, vocab_size: int | None) -> ChatTokenizer:
     if config.model.tokenizer == "bundled":
         return ChatTokenizer.bundled(vocab_size)
     return ChatTokenizer.from_pretrained(config.model.tokenizer)
 
 
-def model_config(config: TrainConfig) -> DeepseekV2Config:
+def model_config(config: RunConfig) -> DeepseekV2Config:
     if config.model.init is not None:
         base = DeepseekV2Config.from_pretrained(config.model.init)
         data = {**base.model_dump(), **config.model.overrides}
@@ -72,7 +72,7 @@ def model_config(config: TrainConfig) -> DeepseekV2Config:
     return DeepseekV2Config.model_validate({**data, **config.moe.config_overrides()})
 
 
-def write_init(config: TrainConfig, directory: Path) -> Path:
+def write_init(config: RunConfig, directory: Path) -> Path:
     """The step-0 model folder every actor loads its slice from (random init, or a copy of `init`)."""
     cfg = model_config(config)
     if directory.exists():
@@ -85,8 +85,8 @@ def write_init(config: TrainConfig, directory: Path) -> Path:
         DeepseekV2ForCausalLM(cfg).init_weights(seed=seed).save_pretrained(directory)
     if not (directory / "tokenizer.json").exists():
         load_tokenizer(config, cfg.vocab_size).save_pretrained(directory)
-    if config.data.source == "arith":
-        (directory / "arith_task.json").write_text(config.data.arith.model_dump_json(indent=2) + "\n")
+    if config.arith_task() is not None:
+        (directory / "arith_task.json").write_text(config.arith_task().model_dump_json(indent=2) + "\n")
     return directory
 
 
@@ -170,7 +170,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 # ---- the training loop ----------------------------------------------------------------------------
 
 
-def prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     """The run folder, with no half-written checkpoint in it; refuses to start over unless told to."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ class Start:
     tokenizer_dir: Path
 
 
-def find_start(config: TrainConfig, run_dir: Path, resume: bool) -> Start:
+def find_start(config: RunConfig, run_dir: Path, resume: bool) -> Start:
     checkpoint = latest_checkpoint(run_dir) if resume else None
     tokenizer_dir = run_dir / TOKENIZER_DIR
     tokenizer_dir.mkdir(exist_ok=True)
@@ -284,8 +284,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     run_dir = prepare_run_dir(config, resume, overwrite)
     start = find_start(config, run_dir, resume)
     data = TrainingData(config.data, ChatTokenizer.from_pretrained(start.model_dir), config.seq_len, config.seed)
-    failures = 0
-    while True:
+
+    def attempt(start: Start) -> dict[str, Any]:
         trainer = make_trainer(config, start.model_dir)
         metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=start.step)
         try:
@@ -293,48 +293,52 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 restore_training_state(trainer, start.checkpoint)
             batches = data.batches(config.batch_size, start.data_position)
             result = {"run_dir": str(run_dir), **run_steps(config, trainer, batches, start, run_dir, metrics)}
-            break
-        except Exception as error:
-            if not lost_an_actor(error) or failures >= config.max_failures:
-                raise
-            failures += 1
-            log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
-                f"complete checkpoint (failure {failures} of at most {config.max_failures})")
-            start = find_start(config, run_dir, resume=True)
         finally:
             metrics.close()
             trainer.close()
-    result["failures"] = failures
+        if config.plot:
+            plot(metrics.records, run_dir / PLOT_FILE)
+        return result
 
-    if config.plot:
-        plot(metrics.records, run_dir / PLOT_FILE)
+    result = resume_on_lost_actors(config, run_dir, start, attempt, log)
     evaluate_and_export(config, run_dir, result)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def resume_on_lost_actors(
+    config: RunConfig,
+    run_dir: Path,
+    start: Start,
+    attempt: Callable[[Start], dict[str, Any]],
+    log: Callable[[str], None],
+    lost: Callable[[BaseException], bool] = lost_an_actor,
+) -> dict[str, Any]:
+    """attempt(start); when a process of its graph dies (`lost` says whether an error means that), again
+    from the newest complete checkpoint (on a new graph), up to config.max_failures times. The result
+    says how many failures it survived."""
+    failures = 0
+    while True:
+        try:
+            return {**attempt(start), "failures": failures}
+        except Exception as error:
+            if not lost(error) or failures >= config.max_failures:
+                raise
+            failures += 1
+            log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
+                f"complete checkpoint (failure {failures} of at most {config.max_failures})")
+            start = find_start(config, run_dir, resume=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sft", description="pretraining / SFT on the actor graph")
-    parser.add_argument("--config", help="YAML file (jobs/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
-    for flag, key in [("--run-dir", "run_dir"), ("--steps", "steps"), ("--seed", "seed"),
-                      ("--expert-actors", "expert_actors"), ("--routers", "routers"), ("--dtype", "dtype"),
-                      ("--export-dir", "export_dir")]:
-        parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
-    return parser
+    return job_parser("python -m jobs.sft", "pretraining / SFT on the actor graph")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = list(args.set)
-    for key in ("run_dir", "steps", "seed", "expert_actors", "routers", "dtype", "export_dir"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    config = load_config_or_exit(parser.prog, args.config, overrides)
+    config = config_from_args(parser, args, TrainConfig)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result))
     return 0

@@ -29,7 +29,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,7 +48,7 @@ from model.training import (
     next_token_backward,
 )
 
-from .config import TrainConfig
+from .config import RunConfig
 
 DENSE_FILE = "model-dense.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -171,7 +171,7 @@ def load_rng_states(path: Path) -> list[torch.Tensor]:
 class Trainer:
     """What jobs/sft.py needs from a trainer."""
 
-    config: TrainConfig
+    config: RunConfig
     model_config: DeepseekV2Config
 
     def step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, Any]:
@@ -199,7 +199,7 @@ class LocalTrainer(Trainer):
     """The whole model in this process: the dense parameters stepped as a router steps them, the
     experts by an optimizer of their own exactly as an expert actor steps them."""
 
-    def __init__(self, config: TrainConfig, model_dir: Path):
+    def __init__(self, config: RunConfig, model_dir: Path):
         self.config = config
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir)
         self.model_config = self.model.config
@@ -213,11 +213,16 @@ class LocalTrainer(Trainer):
         n_learned = learned_tokens(labels)
         seed = step_seed(self.config.seed, step, 0)
         parts = next_token_backward(self.model, input_ids, labels, 1.0 / max(n_learned, 1), seed, self.config.dtype)
+        return combine_parts([parts.model_copy(update={"grad_norm": self.apply_gradients(lr)})], n_learned)
+
+    def apply_gradients(self, lr: float) -> float:
+        """The optimizer step after a backward, whatever the loss (SFT's, GRPO's): clip to the global
+        norm, step both optimizers as a router and an expert actor step theirs; returns the norm."""
         grad_norm = math.sqrt(sum(owner.grad_sq_norm() for owner in self.owners))
         scale = clip_scale(grad_norm, self.config.grad_clip)
         for owner in self.owners:
             owner.step(lr, scale)
-        return combine_parts([parts.model_copy(update={"grad_norm": grad_norm})], n_learned)
+        return grad_norm
 
     def save(self, directory: Path) -> None:
         (directory / OPTIMIZER_DIR).mkdir(exist_ok=True)
@@ -237,7 +242,7 @@ class LocalTrainer(Trainer):
 class GraphTrainer(Trainer):
     """Routers as data-parallel ranks, expert actors owning their experts' gradients and AdamW."""
 
-    def __init__(self, config: TrainConfig, model_dir: Path, name: str | None = None):
+    def __init__(self, config: RunConfig, model_dir: Path, name: str | None = None):
         import ray
 
         from cluster.graph import ActorGraph
@@ -318,14 +323,21 @@ def lost_an_actor(error: BaseException) -> bool:
     return False
 
 
-def make_trainer(config: TrainConfig, model_dir: Path) -> Trainer:
+def make_trainer(config: RunConfig, model_dir: Path) -> Trainer:
     return GraphTrainer(config, model_dir) if config.expert_actors > 0 else LocalTrainer(config, model_dir)
 
 
 def save_checkpoint(
-    trainer: Trainer, run_dir: Path, step: int, data_position: int, tokenizer_dir: Path, extra: dict | None = None
+    trainer: Trainer,
+    run_dir: Path,
+    step: int,
+    data_position: int,
+    tokenizer_dir: Path,
+    extra: dict | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Everything into checkpoint-<step>.tmp/, trainer_state.json last, then the atomic rename."""
+    """Everything into checkpoint-<step>.tmp/ (and what write_more adds there, e.g. GRPO's reference),
+    trainer_state.json last, then the atomic rename."""
     tmp = run_dir / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -333,6 +345,8 @@ def save_checkpoint(
     trainer.model_config.model_copy(update={"torch_dtype": "float32"}).save_pretrained(tmp)
     copy_tokenizer(tokenizer_dir, tmp)
     trainer.save(tmp)
+    if write_more is not None:
+        write_more(tmp)
     save_rng_states(tmp / RNG_FILE, trainer.rng_states())
     state = {
         "step": step,

@@ -134,7 +134,10 @@ class RaggedBatch:
 
 
 class LatentCache:
-    """Per layer a pool of blocks [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+    """Per layer a pool of blocks [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim].
+
+    With record_routing, every slot also keeps the experts its token was routed to in each MoE layer
+    (GRPO's routing replay reads them back for a finished sequence); -1 marks a slot with no record."""
 
     def __init__(
         self,
@@ -143,6 +146,7 @@ class LatentCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        record_routing: bool = False,
     ):
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -151,6 +155,8 @@ class LatentCache:
         self.pools = torch.zeros(
             config.num_hidden_layers, num_blocks, block_size, config.latent_dim, dtype=dtype, device=device
         )
+        routing_shape = (num_blocks, block_size, len(config.moe_layers), config.num_experts_per_tok)
+        self.routing = torch.full(routing_shape, -1, dtype=torch.int16, device=device) if record_routing else None
 
     @staticmethod
     def bytes_per_token(config: DeepseekV2Config, dtype: torch.dtype = torch.float32) -> int:
@@ -158,7 +164,8 @@ class LatentCache:
 
     @property
     def nbytes(self) -> int:
-        return self.pools.numel() * self.pools.element_size()
+        routing = 0 if self.routing is None else self.routing.numel() * self.routing.element_size()
+        return self.pools.numel() * self.pools.element_size() + routing
 
     @classmethod
     def for_batch(
@@ -185,13 +192,31 @@ class LatentCache:
         blocks = pool[batch.block_tables[:, :width]]  # [B, width, block_size, D]
         return blocks.flatten(1, 2)[:, :length]
 
+    def write_routing(self, batch: CacheBatch | RaggedBatch, expert_ids: Tensor) -> None:
+        """expert_ids [..., MoE layers, K] of the new tokens, into their slots (when recording)."""
+        if self.routing is not None:
+            slots = self.routing.view(-1, *self.routing.shape[2:])
+            slots.index_copy_(0, batch.slots(self.block_size).flatten(), expert_ids.reshape(-1, *slots.shape[1:]).to(slots.dtype))
+
+    def read_routing(self, block_table: list[int], length: int) -> Tensor:
+        """[length, MoE layers, K] int64: the recorded experts of a sequence's first `length` tokens."""
+        if self.routing is None:
+            raise RuntimeError("this cache does not record routing")
+        blocks = torch.tensor(block_table[: -(-length // self.block_size)], dtype=torch.long)
+        return self.routing[blocks].flatten(0, 1)[:length].long()
+
     def export_blocks(self, block_ids: Tensor) -> Tensor:
         """[layers, n, block_size, D]: the blocks' contents, for copy-on-write, offload or shipping."""
         return self.pools[:, block_ids].clone()
 
     def import_blocks(self, block_ids: Tensor, data: Tensor) -> None:
+        """Restore exported blocks (routing records do not travel with them: those slots have none)."""
         self.pools[:, block_ids] = data.to(self.pools.dtype)
+        if self.routing is not None:
+            self.routing[block_ids] = -1
 
     def copy_blocks(self, sources: Tensor, targets: Tensor) -> None:
         """Copy-on-write of shared partial blocks."""
         self.pools[:, targets] = self.pools[:, sources]
+        if self.routing is not None:
+            self.routing[targets] = self.routing[sources]

@@ -62,9 +62,24 @@ class MoEGate(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
 
-    def forward(self, x: Tensor) -> Routing:
-        """x [N, d] -> Routing."""
+    def forward(self, x: Tensor, replay: Tensor | None = None) -> Routing:
+        """x [N, d] -> Routing. replay [N, K]: routing replay, these experts instead of the gate's
+        choice (a row of -1 chooses afresh); their combine weights are still the gate's scores of them,
+        so the gate keeps its gradient."""
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E] fp32
+        expert_ids = self.choose(scores)
+        if replay is not None:
+            replayed = (replay[:, :1] >= 0).expand_as(expert_ids)
+            expert_ids = torch.where(replayed, replay.to(expert_ids.dtype), expert_ids)
+        weights = scores.gather(1, expert_ids)
+        if self.top_k > 1 and self.norm_topk_prob:  # the remote code's semantics (transformers ignores the flag)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.routed_scaling_factor
+        return Routing(scores, expert_ids, weights)
+
+    def choose(self, scores: Tensor) -> Tensor:
+        """Top-k experts [N, K] (within the best topk_group groups when group-limited)."""
         candidates = scores
         if self.group_limited:
             group_scores = scores.unflatten(-1, (self.n_group, -1)).amax(dim=-1)  # [N, G]
@@ -72,12 +87,13 @@ class MoEGate(nn.Module):
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
             expert_mask = group_mask.repeat_interleave(self.n_experts // self.n_group, dim=-1)
             candidates = scores.masked_fill(~expert_mask, 0.0)
-        weights, expert_ids = candidates.topk(self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:  # the remote code's semantics (transformers ignores the flag)
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            weights = weights * self.routed_scaling_factor
-        return Routing(scores, expert_ids, weights)
+        return candidates.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+def routing_mismatch(chosen: Tensor, recorded: Tensor) -> Tensor:
+    """[...] bool: tokens whose top-k set differs in at least one MoE layer. chosen, recorded
+    [..., layers, K]; the order of a token's experts does not matter (topk is unsorted)."""
+    return (chosen.sort(dim=-1).values != recorded.sort(dim=-1).values).any(dim=-1).any(dim=-1)
 
 
 # ---- balance losses (SPEC §2.3) -------------------------------------------------------------------
@@ -299,6 +315,7 @@ class _ExpertOutputs(torch.autograd.Function):
 class MoEOutput:
     hidden: Tensor  # [B, S, d]: routed + shared experts (the residual is the decoder's)
     tokens_per_expert: Tensor  # [E] assignments actually dispatched
+    expert_ids: Tensor  # [B, S, K] the experts each token was routed to (chosen or replayed)
     balance: BalanceLosses | None = None  # training only
 
 
@@ -319,13 +336,14 @@ class DeepseekMoE(nn.Module):
         )
         self.backend: ExpertBackend | None = None  # set by the model: LocalExperts or a remote dispatcher
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, replay: Tensor | None = None) -> MoEOutput:
+        """x [B, S, d]; replay [B, S, K]: the experts to route to (routing replay, see MoEGate)."""
         batch, seq, d = x.shape
         flat = x.reshape(-1, d)
         trip = _ExpertTrip()
         if torch.is_grad_enabled() and flat.requires_grad:
             flat = _ExpertGradients.apply(flat, trip)  # first: its backward runs last (see the class)
-        routing = self.gate(flat)
+        routing = self.gate(flat, None if replay is None else replay.reshape(batch * seq, -1))
         balance = None
         kept = None
         if self.training:
@@ -347,7 +365,7 @@ class DeepseekMoE(nn.Module):
         hidden = combine.wait().view(batch, seq, d)
         if shared is not None:
             hidden = hidden + shared
-        return MoEOutput(hidden, combine.tokens_per_expert, balance)
+        return MoEOutput(hidden, combine.tokens_per_expert, routing.expert_ids.view(batch, seq, -1), balance)
 
     def dispatch(self, x: Tensor, routing: Routing, trip: _ExpertTrip, kept: Tensor | None = None) -> "_Combine":
         """Group token copies by expert and submit them to the backend."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, fsync, read_torch_file
+from .checkpoint import CheckpointError, fsync, load_tensors, read_torch_file, write_shard
 from .transformer import DeepseekV2ForCausalLM
 
 IGNORE_INDEX = -100  # the label of a position that is not learned (torch's cross_entropy default)
@@ -183,6 +183,48 @@ def load_state_file(path: str | Path) -> dict:
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise CheckpointError(f"{path}: not an optimizer state (no 'state')")
     return saved
+
+
+class ReferenceWeights:
+    """A frozen copy of named parameters kept by their owner (GRPO's π_ref: a router its dense
+    weights, an expert actor its experts). `use(True)` swaps it into the parameters in place, so a
+    reference forward runs through the same modules, actors and messages as the policy's, with no
+    second model; `use(False)` swaps the policy back. `reset` makes the current policy the reference
+    (iterative GRPO)."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        self.params = params
+        self.frozen = {name: p.detach().clone() for name, p in params.items()}
+        self.in_use = False
+
+    def use(self, reference: bool) -> None:
+        if reference == self.in_use:
+            return
+        for name, param in self.params.items():
+            param.data, self.frozen[name] = self.frozen[name], param.data
+        self.in_use = reference
+
+    def reset(self) -> None:
+        self._check_policy_in_place()
+        with torch.no_grad():
+            for name, param in self.params.items():
+                self.frozen[name].copy_(param)
+
+    def save(self, path: str | Path) -> dict[str, int]:
+        """The reference's tensors (checkpoint names) as one safetensors file; returns name -> bytes."""
+        return write_shard(self.frozen, path)
+
+    def load(self, directory: str | Path) -> None:
+        """Take the reference's tensors from a folder of safetensors (a checkpoint's reference/)."""
+        self._check_policy_in_place()
+        tensors = load_tensors(directory, self.frozen)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                self.frozen[name].copy_(tensor)
+
+    def _check_policy_in_place(self) -> None:
+        if self.in_use:
+            raise RuntimeError("the reference's weights are in place: use(False) first")
 
 
 # ---- the dense forward / backward of a next-token step ---------------------------------------------

@@ -30,12 +30,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, MoEOutput | None]:
+    def forward(self, x: Tensor, inputs: AttentionInputs, replay: Tensor | None = None) -> tuple[Tensor, MoEOutput | None]:
+        """replay [B, S, K]: routing replay for an MoE layer (see DeepseekMoE)."""
         x = x + self.self_attn(self.input_layernorm(x), inputs)
-        ffn = self.mlp(self.post_attention_layernorm(x))
-        if isinstance(ffn, MoEOutput):
-            return x + ffn.hidden, ffn
-        return x + ffn, None
+        hidden = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, DeepseekMoE):
+            moe = self.mlp(hidden, replay)
+            return x + moe.hidden, moe
+        return x + self.mlp(hidden), None
 
 
 class DeepseekV2Model(nn.Module):
@@ -54,6 +56,7 @@ class CausalLMOutput:
     logits: Tensor  # [B, S, vocab]
     balance_losses: dict[str, Tensor] = field(default_factory=dict)  # α-weighted, summed over MoE layers
     tokens_per_expert: dict[int, Tensor] = field(default_factory=dict)  # MoE layer -> [E]
+    routing: Tensor | None = None  # [B, S, MoE layers, K]: the experts of every token in every MoE layer
 
 
 class DeepseekV2ForCausalLM(nn.Module):
@@ -94,6 +97,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         absorb: bool | None = None,
         logits_at: Tensor | None = None,
         document_ids: Tensor | None = None,
+        routing: Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]. Without a cache, positions [B, S] default to 0..S-1, and document_ids
         [B, S] (runs of equal ids: the samples packed in a row) make attention causal within each
@@ -101,14 +105,20 @@ class DeepseekV2ForCausalLM(nn.Module):
         where the tokens go and what they see; absorb defaults to the weight-absorbed path for
         single-token decode steps. A RaggedBatch takes input_ids [1, N] (several sequences
         flattened). logits_at [n]: compute logits only at these token indices of the last dimension
-        (logits [B, n, V])."""
+        (logits [B, n, V]). routing [B, S, MoE layers, K]: routing replay, the experts each token goes
+        to in each MoE layer (a token whose entries are -1 is routed by the gate); the output's
+        `routing` says where every token went (and a cache that records routing keeps it)."""
         inputs = self._attention_inputs(input_ids, positions, cache, cache_batch, absorb, document_ids)
         x = self.model.embed_tokens(input_ids)
         moe_outputs: dict[int, MoEOutput] = {}
+        replay = dict(zip(self.config.moe_layers, routing.unbind(dim=2))) if routing is not None else {}
         for layer_idx, layer in enumerate(self.model.layers):
-            x, moe = layer(x, inputs)
+            x, moe = layer(x, inputs, replay.get(layer_idx))
             if moe is not None:
                 moe_outputs[layer_idx] = moe
+        chosen = torch.stack([moe.expert_ids for moe in moe_outputs.values()], dim=2) if moe_outputs else None
+        if cache is not None and chosen is not None:
+            cache.write_routing(cache_batch, chosen)
         if logits_at is not None:
             x = x[:, logits_at]
         logits = self.lm_head(self.model.norm(x))
@@ -116,6 +126,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             logits=logits,
             balance_losses=self._weighted_balance_losses(moe_outputs),
             tokens_per_expert={i: moe.tokens_per_expert for i, moe in moe_outputs.items()},
+            routing=chosen,
         )
 
     def _attention_inputs(

@@ -105,6 +105,25 @@ def test_full_prefix_blocks_are_shared_by_hash_and_kept_until_their_room_is_need
     assert books.admit("f", shared + [5], 2).cached_tokens == 0
 
 
+def test_dropping_prefixes_forgets_every_cached_block_and_what_runs_across_the_drop():
+    """After a weight change (GRPO's update) no prefix may be reused, not even one registered later by
+    a sequence computed with the old weights."""
+    books, pools = manager(num_blocks=12)
+    shared = list(range(10, 19))
+    assert run_turn(books, pools, "a", shared + [1], [7, 8]) == 0
+    running = books.admit("b", list(range(30, 39)) + [1], 2)
+    assert books.stats()["routers"][0]["blocks_cached_idle"] == 2
+    assert books.drop_prefixes() == 2
+    assert books.stats()["routers"][0]["blocks_cached_idle"] == 0
+    pools.write(running.router, running.block_table, list(range(30, 39)) + [1])
+    books.register_prefix("b", list(range(30, 39)) + [1])  # computed before the drop: never shared
+    books.finish("b", list(range(30, 39)) + [1])
+    assert books.admit("c", list(range(30, 39)) + [2], 1).cached_tokens == 0
+    assert books.admit("d", shared + [2], 1).cached_tokens == 0
+    assert run_turn(books, pools, "e", list(range(50, 59)) + [1], [3]) == 0
+    assert books.admit("f", list(range(50, 59)) + [2], 1).cached_tokens == 8  # computed after: shared
+
+
 def test_requests_that_can_never_fit_and_requests_that_must_wait():
     books, _ = manager(num_blocks=4)
     with pytest.raises(CacheTooSmall):

@@ -67,7 +67,7 @@ def test_a_wrong_answer_fails_the_quickstart_with_one_line(capsys):
 def test_the_demo_follows_the_models_task_description(tmp_path):
     bundled = Demo.of(ROOT / "checkpoints" / "arith-tiny")
     assert len({q.text for q in bundled.questions}) == 5 and all(q.expected for q in bundled.questions)
-    assert not bundled.multi_turn  # until a checkpoint trained on follow-ups says "multi_turn": true
-    (tmp_path / TASK_FILE).write_text('{"ops": ["+"], "multi_turn": true}')
-    assert Demo.of(tmp_path).multi_turn
+    assert bundled.multi_turn  # GRPO on conversations trained it (jobs/configs/arith-tiny-grpo.yaml)
+    (tmp_path / TASK_FILE).write_text('{"ops": ["+"]}')
+    assert not Demo.of(tmp_path).multi_turn
     assert all(q.expected is None for q in Demo.of(ROOT / "checkpoints" / "tiny-random").questions)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.config import Schedule, TrainConfig, load_config
+from jobs.config import Schedule, load_config
 from jobs.data import (
     ArithConfig,
     DataConfig,
@@ -35,11 +31,17 @@ from model.tokenizer import ChatTokenizer
 from model.training import IGNORE_INDEX
 
 from .local_ray import ray_head
-
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "configs" / "smoke.yaml"
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-
+from .training_helpers import (
+    ENV,
+    REPO,
+    SMOKE,
+    assert_transformers_loads,
+    init_folder,
+    kill_9_after_checkpoint,
+    run_job,
+    smoke_config,
+    submit_job,
+)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> ChatTokenizer:
@@ -171,16 +173,6 @@ def test_rng_states_are_saved_as_tensors_and_restore_the_same_draws(tmp_path):
 # ---- one step: the actor graph vs one process ------------------------------------------------------
 
 
-def smoke_config(tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])
-
-
-def init_folder(config: TrainConfig, directory: Path) -> Path:
-    from jobs.sft import write_init
-
-    return write_init(config, directory)
-
-
 def reference_step(folder: Path, config: TrainConfig, input_ids, labels, lr: float, ranks: int):
     """The step in one process, written out plainly: the batch in `ranks` micro-batches (each with its
     rank's token-dropping seed) accumulated into token-mean CE + mean balance losses, clip, then one
@@ -271,9 +263,8 @@ def test_bf16_autocast_tracks_fp32_in_one_process_and_on_the_graph(ray_cluster, 
 # ---- whole runs: kill -9 and resume; Ray Jobs ------------------------------------------------------
 
 
-def run_sft(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.sft", "--config", str(SMOKE), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+def run_sft(args: list[str], env: dict) -> subprocess.Popen:
+    return run_job("jobs.sft", SMOKE, args, env)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -286,16 +277,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
     common = ["--steps", "24", "--set", "checkpoint_every=4", "--set", "plot=false"]
     reference = run_sft([*common, "--run-dir", str(tmp_path / "straight")], env)
     killed_dir = tmp_path / "killed"
-    victim = run_sft([*common, "--run-dir", str(killed_dir)], env)
-    deadline = time.monotonic() + 240
-    while not (killed_dir / "checkpoint-4" / "trainer_state.json").exists():  # poll for the file
-        assert victim.poll() is None, victim.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
-    last = max(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+    last = kill_9_after_checkpoint(run_sft([*common, "--run-dir", str(killed_dir)], env), killed_dir, 4)
     assert last < 24, "the run finished before it was killed"
     resumed = run_sft([*common, "--run-dir", str(killed_dir), "--resume"], env)
     out, _ = resumed.communicate(timeout=300)
@@ -315,14 +297,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
     """A real `ray start --head` cluster with its dashboard (tests/local_ray.py), `ray job submit --working-dir .`."""
-    import transformers
-
     run_dir = tmp_path / "job-run"
     with ray_head(ENV, REPO) as head:
-        job = head.submit(["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
-                          runtime_env_json=json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), working_dir=".")
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout
+        submit_job(head, ["python", "-m", "jobs.sft", "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)])
 
     checkpoint = run_dir / "checkpoint-6"
     assert (run_dir / "latest").read_text().strip() == "checkpoint-6"
@@ -333,11 +310,7 @@ def test_ray_job_submit_trains_and_transformers_loads_the_checkpoint(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {"loss", "ce", "balance_expert", "balance_device", "balance_comm", "dropped_fraction", "tokens_per_s", "expert_load"} <= set(records[0])
-    ours = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
-    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+    assert_transformers_loads(checkpoint)
 
 
 def test_moeray_train_sft_runs_the_job_in_one_process(tmp_path):
