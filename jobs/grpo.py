@@ -18,6 +18,7 @@ checkpoint-<step>/ (Hugging Face layout + optimizer states + the reference), `la
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -352,9 +353,13 @@ def lost_a_graph_process(error: BaseException) -> bool:
     return lost_an_actor(error) or isinstance(error, EngineUnavailable)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return job_parser("python -m jobs.grpo", "GRPO on the actor graph (rollouts by the serving engine)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parser = job_parser("python -m jobs.grpo", "GRPO on the actor graph (rollouts by the serving engine)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args, GRPOConfig)
     result = train(config, resume=args.resume, overwrite=args.overwrite)

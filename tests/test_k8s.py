@@ -29,6 +29,8 @@ import pytest
 import yaml
 from pydantic import ConfigDict
 
+from jobs.config import SHORTCUT_FLAGS, RunConfig, TrainConfig, load_config
+from jobs.grpo_config import GRPOConfig
 from k8s import render as k8s_render
 from k8s import serve_config
 from k8s.render import Loader, RenderError, overlays, render, render_resources
@@ -69,9 +71,24 @@ def of_kind(resources: list[dict], kind: str) -> list[dict]:
     return [r for r in resources if r["kind"] == kind]
 
 
-def the(resources: list[dict], kind: str) -> dict:
-    (resource,) = of_kind(resources, kind)
+def the(resources: list[dict], kind: str, name: str | None = None) -> dict:
+    (resource,) = [r for r in of_kind(resources, kind) if name is None or r["metadata"]["name"] == name]
     return resource
+
+
+# The training RayJobs by name: the module each one runs and its config's schema.
+JOBS = {"moeray-sft": ("jobs.sft", TrainConfig), "moeray-grpo": ("jobs.grpo", GRPOConfig)}
+
+
+def job_config(job: dict) -> tuple[RunConfig, object]:
+    """The config of a RayJob's `python -m jobs.<module> ...` entrypoint, and its parsed arguments."""
+    python, flag, module, *args = shlex.split(job["spec"]["entrypoint"])
+    expected_module, schema = JOBS[job["metadata"]["name"]]
+    assert (python, flag, module) == ("python", "-m", expected_module)
+    parsed = importlib.import_module(module).build_parser().parse_args(args)
+    overrides = list(parsed.set) + [f"{key}={getattr(parsed, key)}" for key in SHORTCUT_FLAGS.values()
+                                    if getattr(parsed, key) is not None]
+    return load_config(REPO / parsed.config, overrides, schema), parsed
 
 
 def cluster_specs(resource: dict) -> list[dict]:
@@ -119,24 +136,26 @@ def test_render_command_prints_the_overlay_with_set_overrides():
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     printed = yaml.load_all(done.stdout, Loader=Loader)
-    changed = {r["kind"]: r for r in printed}
-    assert changed["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 3
-    assert changed["RayJob"]["metadata"]["annotations"] == {"example.com/owner": "0"}
-    untouched = {r["kind"]: r for r in render_resources("cpu-dev")}
-    assert changed["NetworkPolicy"] == untouched["NetworkPolicy"]
+    changed = {(r["kind"], r["metadata"]["name"]): r for r in printed}
+    assert changed["RayService", "moeray"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 3
+    assert changed["RayJob", "moeray-sft"]["metadata"]["annotations"] == {"example.com/owner": "0"}
+    untouched = {(r["kind"], r["metadata"]["name"]): r for r in render_resources("cpu-dev")}
+    assert changed["RayJob", "moeray-grpo"] == untouched["RayJob", "moeray-grpo"]  # only the job named
+    assert changed["NetworkPolicy", "moeray"] == untouched["NetworkPolicy", "moeray"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--overlay", "prod"], "no overlay 'prod' (overlays: cpu-dev, gpu)"),
     ([], "the following arguments are required: --overlay"),
     (["--overlay", "cpu-dev", "--set", "replicas=2"], "expected KIND[/NAME]:PATH=VALUE"),
+    (["--overlay", "cpu-dev", "--set", "RayJob:spec.backoffLimit=3"], "name one as RayJob/NAME"),
     (["--overlay", "cpu-dev", "--set", "Deployment:spec.replicas=2"], "no Deployment in this overlay"),
     (["--overlay", "cpu-dev", "--set", "PersistentVolumeClaim:spec.x=1"], "name one as PersistentVolumeClaim/NAME"),
     (["--overlay", "cpu-dev", "--set", "RayService:spec.rayClusterConfig.workerGroupSpecs[groupName=gpu].replicas=2"],
      "0 items have groupName=gpu"),
-    (["--overlay", "cpu-dev", "--set", "RayJob:spec.entrypoint[3]=x"], "cannot set [3] in a str value"),
-    (["--overlay", "cpu-dev", "--set", "RayJob:spec.backoffLimit=[1"], "expected ',' or ']'"),
-    (["--overlay", "cpu-dev", "--set", "RayJob:spec.rayClusterSpec.workerGroupSpecs[5].replicas=1"],
+    (["--overlay", "cpu-dev", "--set", "RayJob/moeray-sft:spec.entrypoint[3]=x"], "cannot set [3] in a str value"),
+    (["--overlay", "cpu-dev", "--set", "RayJob/moeray-sft:spec.backoffLimit=[1"], "expected ',' or ']'"),
+    (["--overlay", "cpu-dev", "--set", "RayJob/moeray-sft:spec.rayClusterSpec.workerGroupSpecs[5].replicas=1"],
      "no [5] in a list of 1"),
 ])
 def test_render_reports_a_mistake_in_one_line(argv, message, capsys):
@@ -225,20 +244,14 @@ def test_serve_config_passes_serve_schema_imports_and_builder_args(overlay):
 
 
 def test_rayjob_entrypoints_run_real_modules_with_configs_that_parse(overlay):
-    from jobs.config import TrainConfig, load_config
-
     jobs = of_kind(render_resources(overlay), "RayJob")
-    assert [j["metadata"]["name"] for j in jobs] == ["moeray-sft"]  # moeray-grpo arrives with the GRPO issue
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(JOBS)
     for job in jobs:
-        python, flag, module, *args = shlex.split(job["spec"]["entrypoint"])
-        assert (python, flag) == ("python", "-m")
-        assert importlib.util.find_spec(module) is not None, module
-        parsed = importlib.import_module(module).build_parser().parse_args(args)
-        overrides = list(parsed.set) + [f"{key}={value}" for key, value in vars(parsed).items()
-                                        if key in TrainConfig.model_fields and value is not None]
-        config = load_config(REPO / parsed.config, overrides)
+        config, parsed = job_config(job)
         assert parsed.resume, "a retry must resume from the newest checkpoint"
         assert config.run_dir.startswith("/mnt/runs/") and config.export_dir.startswith("/mnt/models/")
+    run_dirs = [job_config(job)[0].run_dir for job in jobs]
+    assert len(set(run_dirs)) == len(run_dirs), "two jobs in one run folder would resume each other's checkpoints"
 
 
 # ---- negative: what the checks must refuse ----------------------------------------------------------
@@ -304,7 +317,7 @@ def test_operator_rules_are_enforced():
     assert operator_errors(resource) == [
         "spec.rayClusterConfig: authOptions.mode token needs rayVersion >= 2.52.0, got '2.46.0'",
         "spec.upgradeStrategy.type 'RollingUpdate' is invalid"]
-    job = copy.deepcopy(the(render_resources("cpu-dev"), "RayJob"))
+    job = copy.deepcopy(the(render_resources("cpu-dev"), "RayJob", "moeray-sft"))
     job["spec"]["shutdownAfterJobFinishes"] = False
     assert operator_errors(job) == ["ttlSecondsAfterFinished needs shutdownAfterJobFinishes"]
 
@@ -323,7 +336,7 @@ def test_every_ray_cluster_runs_the_pinned_ray_with_token_auth_and_no_work_on_th
     version, image = pinned_ray_version(), {"cpu-dev": "moeray:0.1.0", "gpu": "moeray:0.1.0-gpu"}[overlay]
     resources = render_resources(overlay)
     clusters = [spec for r in resources for spec in cluster_specs(r)]
-    assert len(clusters) == 3
+    assert len(clusters) == 2 + len(JOBS)  # RayService, RayCluster, a RayJob each
     for cluster in clusters:
         assert cluster["rayVersion"] == version
         assert cluster["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
@@ -391,11 +404,10 @@ def test_services_and_disruption_budget_select_the_serving_workers(overlay):
 
 
 def test_the_actor_graph_fits_the_worker_groups(overlay):
-    """ClusterSpec -> worker groups: the serving graph and the SFT job's graph fit their clusters, and the
-    RayService's workers carry the graph's ClusterSpec fields (changing them rolls a new cluster, see
-    kuberay.yaml)."""
+    """ClusterSpec -> worker groups: the serving graph and each training job's graph fit their clusters,
+    and the RayService's workers carry the graph's ClusterSpec fields (changing them rolls a new cluster,
+    see kuberay.yaml)."""
     from cluster.spec import ClusterSpec
-    from jobs.config import load_config
 
     resources = render_resources(overlay)
     config = serve_config_of(resources)
@@ -410,18 +422,17 @@ def test_the_actor_graph_fits_the_worker_groups(overlay):
     assert worker["maxReplicas"] * ray_cpus(worker) >= needed
     assert engine["ray_actor_options"]["num_cpus"] > 0 and args["ingress_num_cpus"] > 0  # never on the head
 
-    job = the(resources, "RayJob")
-    parser = importlib.import_module("jobs.sft").build_parser()
-    parsed = parser.parse_args(shlex.split(job["spec"]["entrypoint"])[3:])
-    train = load_config(REPO / parsed.config, parsed.set)
-    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert train.cpus_per_actor is not None, "set explicitly: Ray's free CPUs are 0 before the workers join"
-    assert sum(g["replicas"] * ray_cpus(g) for g in workers) >= (train.routers + train.expert_actors) * train.cpus_per_actor
+    for job in of_kind(resources, "RayJob"):
+        train, _ = job_config(job)
+        workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        assert train.cpus_per_actor is not None, "set explicitly: Ray's free CPUs are 0 before the workers join"
+        needed = (train.routers + train.expert_actors) * train.cpus_per_actor
+        assert sum(g["replicas"] * ray_cpus(g) for g in workers) >= needed, job["metadata"]["name"]
 
 
-def test_training_checkpoints_live_on_a_claim_every_job_pod_mounts(overlay):
-    job = the(render_resources(overlay), "RayJob")
-    spec = job["spec"]
+@pytest.mark.parametrize("name", JOBS)
+def test_training_checkpoints_live_on_a_claim_every_job_pod_mounts(overlay, name):
+    spec = the(render_resources(overlay), "RayJob", name)["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
     assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
     for _, template in pod_templates(spec["rayClusterSpec"]):
@@ -538,7 +549,7 @@ def _wait_for_models(client) -> list:
 
 @pytest.mark.timeout(900)
 def test_the_sft_rayjob_entrypoint_trains_then_resumes_under_ray_job_submit(local_head, tmp_path):
-    job = the(render_resources("cpu-dev"), "RayJob")
+    job = the(render_resources("cpu-dev"), "RayJob", "moeray-sft")
     entrypoint = shlex.split(job["spec"]["entrypoint"])
     run_dir, export_dir = tmp_path / "run", tmp_path / "export"
     # Only what needs the cluster changes (the claims' paths); the config is shortened with --set.
@@ -566,7 +577,7 @@ def test_the_sft_rayjob_entrypoint_trains_then_resumes_under_ray_job_submit(loca
 @pytest.mark.timeout(300)
 def test_a_resumed_run_keeps_its_tokenizer_in_every_checkpoint(tmp_path):
     """The RayJob's retry path (entrypoint as rendered, --resume twice), in one process to be quick."""
-    entrypoint = shlex.split(the(render_resources("cpu-dev"), "RayJob")["spec"]["entrypoint"])
+    entrypoint = shlex.split(the(render_resources("cpu-dev"), "RayJob", "moeray-sft")["spec"]["entrypoint"])
     local = ["--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "export"), "--set", "expert_actors=0",
              "--set", "checkpoint_every=1", "--set", "batch_size=8", "--set", "eval.arith_heldout=0",
              "--set", "progress=false", "--set", "plot=false"]
