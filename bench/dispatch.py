@@ -14,6 +14,10 @@ Prints JSON lines on stdout ("kind" says which):
   live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`;
+- "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
+  each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 array and waits
+  for the answers, over ordinary calls and over a compiled graph; nothing is computed. The "layer" rows
+  minus the local experts' time, minus this, is what moeray itself adds;
 - "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
@@ -36,7 +40,7 @@ import ray
 import torch
 
 from bench.args import positive_ints
-from cluster.graph import NAMESPACE, ActorGraph
+from cluster.graph import GRAPH_ENV_VARS, NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
@@ -60,6 +64,58 @@ def layer_rows(router, batches: list[int], warmup: int, iters: int) -> list[dict
     """RouterActor.profile_dispatch: in-process experts and the live transport, round-robin per iteration."""
     rows = ray.get(router.profile_dispatch.remote(batches, warmup, iters))
     return [{"backend": r["backend"], "batch": r["batch"], "iters": iters, **quantiles_us(r["round_trip_ns"])} for r in rows]
+
+
+# ---- Ray's floor -------------------------------------------------------------------------------------
+@ray.remote(num_cpus=0.5, runtime_env={"env_vars": GRAPH_ENV_VARS})
+class Echo:
+    """An expert actor that computes nothing: what carrying the message costs."""
+
+    def forward(self, layer: int, tokens, counts: list[int]):
+        return tokens, None
+
+    def forward_compiled(self, message: tuple):
+        return message[1]
+
+
+@ray.remote(num_cpus=0.5, runtime_env={"env_vars": GRAPH_ENV_VARS})
+class EchoCaller:
+    def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int, iters: int) -> list[dict]:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inputs:
+            dag = MultiOutputNode([a.forward_compiled.bind(inputs[i]).with_tensor_transport("auto")
+                                   for i, a in enumerate(actors)])  # fmt: skip
+        compiled = dag.experimental_compile()
+        calls = {
+            "objectstore": lambda x: ray.get([a.forward.remote(1, x.numpy(), [len(x)]) for a in actors]),
+            "compiled": lambda x: ray.get(compiled.execute(*[(1, x, [len(x)])] * len(actors))),
+        }
+        rows = []
+        try:
+            for batch in batches:
+                tokens = torch.randn(batch, hidden)
+                for name, call in calls.items():
+                    samples = []
+                    for _ in range(warmup + iters):
+                        start = time.perf_counter_ns()
+                        call(tokens)
+                        samples.append(time.perf_counter_ns() - start)
+                    rows.append({"transport": name, "batch": batch, "round_trip_ns": samples[warmup:]})
+        finally:
+            compiled.teardown()
+        return rows
+
+
+def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int) -> list[dict]:
+    actors, caller = [Echo.remote() for _ in range(k)], EchoCaller.remote()
+    try:
+        rows = ray.get(caller.round_trips.remote(actors, batches, hidden, warmup, iters))
+    finally:
+        for actor in [*actors, caller]:
+            ray.kill(actor)
+    return [{"transport": r["transport"], "batch": r["batch"], "iters": iters, **quantiles_us(r["round_trip_ns"])}
+            for r in rows]  # fmt: skip
 
 
 # ---- decode ----------------------------------------------------------------------------------------
@@ -104,6 +160,8 @@ def main() -> None:
             DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(folder)
             model = DeepseekV2ForCausalLM.from_pretrained(folder)  # the one-process reference, in this driver
             for k in actors:
+                for row in floor_rows(k, batches, config.hidden_size, warmup, iters):
+                    emit(kind="floor", actors=k, **row)
                 graph = ActorGraph.create(
                     ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5)
                 )
