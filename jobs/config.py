@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -256,6 +259,17 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     for flag, key in SHORTCUT_FLAGS.items():
         parser.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
     return parser
+
+
+def run_job_command(parser: argparse.ArgumentParser, schema: type[ConfigT], train: Callable[..., dict],
+                    argv: list[str] | None) -> int:
+    """A training job's command line: its config from `argv`, `train(config, resume=, overwrite=)`, and the
+    result as one JSON line on stdout."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args, schema)
+    print(json.dumps(train(config, resume=args.resume, overwrite=args.overwrite)))
+    return 0
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, schema: type[ConfigT]) -> ConfigT:

@@ -34,7 +34,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import ChatTokenizer
 from model.training import IGNORE_INDEX
 
-from .config import config_from_args, job_parser
+from .config import job_parser, run_job_command
 from .data import arith_answer, arith_conversations, arith_messages
 from .eval_arith import evaluate_folder, heldout_problems
 from .grpo_config import GRPOConfig
@@ -358,13 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = config_from_args(parser, args, GRPOConfig)
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps(result))
-    return 0
+    return run_job_command(build_parser(), GRPOConfig, train, argv)
 
 
 if __name__ == "__main__":

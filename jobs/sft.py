@@ -28,7 +28,7 @@ import yaml
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 from model.tokenizer import ChatTokenizer
 
-from .config import RunConfig, TrainConfig, config_from_args, job_parser
+from .config import RunConfig, TrainConfig, job_parser, run_job_command
 from .data import TrainingData
 from .progress import Progress
 from .trainer import (
@@ -335,13 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = config_from_args(parser, args, TrainConfig)
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps(result))
-    return 0
+    return run_job_command(build_parser(), TrainConfig, train, argv)
 
 
 if __name__ == "__main__":

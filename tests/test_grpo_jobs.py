@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from .local_ray import ray_head
-from .training_helpers import ENV, REPO, assert_transformers_loads, kill_9_after_checkpoint, run_job, submit_job
+from .training_helpers import ENV, REPO, assert_transformers_loads, straight_and_killed, submit_job
 
 GRPO_SMOKE = REPO / "jobs" / "configs" / "grpo-smoke.yaml"
 STEP_METRICS = {
@@ -43,16 +43,8 @@ def test_ray_job_submit_runs_grpo_and_transformers_loads_the_checkpoint(tmp_path
 def test_kill_9_then_resume_gets_the_rewards_of_an_uninterrupted_run(ray_cluster, tmp_path):
     env = {**ENV, "RAY_ADDRESS": ray_cluster}
     common = ["--steps", "6", "--set", "plot=false", "--set", "checkpoint_every=2"]
-    straight = run_job("jobs.grpo", GRPO_SMOKE, [*common, "--run-dir", str(tmp_path / "straight")], env)
+    last = straight_and_killed("jobs.grpo", GRPO_SMOKE, common, tmp_path, env, kill_after=2, steps=6, timeout_s=400)
     killed_dir = tmp_path / "killed"
-    last = kill_9_after_checkpoint(run_job("jobs.grpo", GRPO_SMOKE, [*common, "--run-dir", str(killed_dir)], env), killed_dir, 2)
-    assert last < 6, "the run finished before it was killed"
-    resumed = run_job("jobs.grpo", GRPO_SMOKE, [*common, "--run-dir", str(killed_dir), "--resume"], env)
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out[-3000:]
-    assert f"resuming from {killed_dir / f'checkpoint-{last}'}" in out
-    out, _ = straight.communicate(timeout=400)
-    assert straight.returncode == 0, out[-3000:]
     expected, got = records(tmp_path / "straight"), records(killed_dir)
     assert [r["step"] for r in got] == list(range(1, 7))
     for a, b in zip(expected[last:], got[last:]):

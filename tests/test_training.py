@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,9 +36,8 @@ from .training_helpers import (
     SMOKE,
     assert_transformers_loads,
     init_folder,
-    kill_9_after_checkpoint,
-    run_job,
     smoke_config,
+    straight_and_killed,
     submit_job,
 )
 
@@ -263,10 +261,6 @@ def test_bf16_autocast_tracks_fp32_in_one_process_and_on_the_graph(ray_cluster, 
 # ---- whole runs: kill -9 and resume; Ray Jobs ------------------------------------------------------
 
 
-def run_sft(args: list[str], env: dict) -> subprocess.Popen:
-    return run_job("jobs.sft", SMOKE, args, env)
-
-
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
@@ -275,16 +269,8 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_kill_9_then_resume_matches_an_uninterrupted_run(ray_cluster, tmp_path):
     env = {**ENV, "RAY_ADDRESS": ray_cluster}
     common = ["--steps", "24", "--set", "checkpoint_every=4", "--set", "plot=false"]
-    reference = run_sft([*common, "--run-dir", str(tmp_path / "straight")], env)
+    straight_and_killed("jobs.sft", SMOKE, common, tmp_path, env, kill_after=4, steps=24, timeout_s=300)
     killed_dir = tmp_path / "killed"
-    last = kill_9_after_checkpoint(run_sft([*common, "--run-dir", str(killed_dir)], env), killed_dir, 4)
-    assert last < 24, "the run finished before it was killed"
-    resumed = run_sft([*common, "--run-dir", str(killed_dir), "--resume"], env)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out[-3000:]
-    assert f"resuming from {killed_dir / f'checkpoint-{last}'}" in out
-    out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, out[-3000:]
     straight, interrupted = losses(tmp_path / "straight"), losses(killed_dir)
     assert [s for s, _ in interrupted] == list(range(1, 25))
     for (step, a), (_, b) in zip(straight, interrupted):

@@ -52,6 +52,25 @@ def kill_9_after_checkpoint(job: subprocess.Popen, run_dir: Path, step: int, tim
     return max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
 
 
+def straight_and_killed(module: str, config: Path, args: list[str], run_root: Path, env: dict, kill_after: int,
+                        steps: int, timeout_s: float) -> int:
+    """The same job twice, side by side: straight through in run_root/straight, and in run_root/killed
+    killed with -9 once checkpoint-<kill_after> is written, then resumed; both must finish. Returns the
+    step the resumed run started from."""
+    straight = run_job(module, config, [*args, "--run-dir", str(run_root / "straight")], env)
+    killed_dir = run_root / "killed"
+    last = kill_9_after_checkpoint(run_job(module, config, [*args, "--run-dir", str(killed_dir)], env), killed_dir,
+                                   kill_after)
+    assert last < steps, "the run finished before it was killed"
+    resumed = run_job(module, config, [*args, "--run-dir", str(killed_dir), "--resume"], env)
+    out, _ = resumed.communicate(timeout=timeout_s)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from {killed_dir / f'checkpoint-{last}'}" in out
+    out, _ = straight.communicate(timeout=timeout_s)
+    assert straight.returncode == 0, out[-3000:]
+    return last
+
+
 def submit_job(head: RayHead, entrypoint: list[str]) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- <entrypoint>` on a test's own head; asserts the job succeeded."""
     job = head.submit(entrypoint, runtime_env_json=json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), working_dir=".")
