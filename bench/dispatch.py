@@ -80,7 +80,8 @@ class Echo:
 
 @ray.remote(num_cpus=0.5, runtime_env={"env_vars": GRAPH_ENV_VARS})
 class EchoCaller:
-    def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int, iters: int) -> list[dict]:
+    def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int,
+                    iters: int) -> list[dict]:
         from ray.dag import InputNode, MultiOutputNode
 
         with InputNode() as inputs:

@@ -5,7 +5,11 @@ process of its own because a driver joins one cluster and the test session alrea
 
 It reports, for each transport, whether greedy tokens equal one process and how the expert load
 spread over nodes; then it removes the node of an expert actor while a generation runs and reports
-whether the tokens are unchanged and how long the generation took against an undisturbed one.
+whether the tokens are unchanged and how long the generation took against an undisturbed one; then it
+removes the node of an expert actor while SFT runs and reports whether the run resumed from its newest
+checkpoint and ended with the losses of an undisturbed run.
+
+    python -m tests.multinode_scenario MODEL_DIR RUN_ROOT
 """
 
 from __future__ import annotations
@@ -13,14 +17,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
 
 from cluster.graph import NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
+from jobs import sft
+from jobs.config import load_config
 from model import DeepseekV2ForCausalLM
+
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml"
 
 PROMPTS = [[5, 9, 3, 17], [7, 1, 4, 4, 8, 2, 6, 30, 31], [11]]
 NEW_TOKENS = 24
@@ -95,13 +105,60 @@ def node_loss(cluster: Cluster, workers: list, model_dir: str, expected: list[li
         graph.teardown()
 
 
+def training_after_node_loss(cluster: Cluster, workers: list, run_root: Path) -> dict:
+    """SFT (the smoke config) on 1 router + 2 expert actors of 1 CPU each, so they span two nodes; once
+    checkpoint-2 is written, the node of an expert actor that does not hold the router is removed. The
+    run must resume from its newest checkpoint on a new graph over the surviving nodes and end with the
+    losses of an undisturbed run."""
+    workers.append(cluster.add_node(num_cpus=WORKER_CPUS))  # the generation's node loss took one
+    cluster.wait_for_nodes()
+    overrides = ["steps=60", "checkpoint_every=2", "cpus_per_actor=1", "plot=false", "progress=false",
+                 "eval.arith_heldout=0"]  # fmt: skip
+    straight = sft.train(load_config(SMOKE, [f"run_dir={run_root / 'straight'}", *overrides]))
+    faulty_dir = run_root / "node-loss"
+    outcome: dict = {}
+    faulty = load_config(SMOKE, [f"run_dir={faulty_dir}", *overrides])
+    run = threading.Thread(target=lambda: outcome.update(sft.train(faulty)))
+    run.start()
+    deadline = time.monotonic() + 240
+    while not (faulty_dir / "checkpoint-2" / "trainer_state.json").exists():
+        if not run.is_alive() or time.monotonic() > deadline:
+            return {"skipped": "the run wrote no checkpoint-2"}
+        time.sleep(0.05)
+    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    node_of = {name: ray.get(ray.get_actor(name, namespace=NAMESPACE).ready.remote())["node_id"]
+               for name in named if name.startswith("train-")}  # fmt: skip
+    router_nodes = {node for name, node in node_of.items() if "-router-" in name}
+    victims = [node for name, node in node_of.items() if "-expert-" in name and node not in router_nodes]
+    if not victims:
+        return {"skipped": "every expert actor shares the router's node"}
+    removed_at = time.perf_counter()
+    cluster.remove_node(next(w for w in workers if w.node_id == victims[0]))
+    run.join(timeout=300)
+    if run.is_alive():
+        return {"hung": True}
+
+    def losses(run_dir: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    expected, got = losses(run_root / "straight"), losses(faulty_dir)
+    return {
+        "failures": outcome["failures"],
+        "steps": len(got),
+        "losses_equal": len(got) == len(expected) and all(abs(a - b) <= 1e-6 for a, b in zip(expected, got)),
+        "finished_s_after_the_loss": round(time.perf_counter() - removed_at, 2),
+        "undisturbed_run_s": straight["train_seconds"],
+    }
+
+
 def main() -> None:
-    model_dir = sys.argv[1]
+    model_dir, run_root = sys.argv[1], Path(sys.argv[2])
     expected = DeepseekV2ForCausalLM.from_pretrained(model_dir).generate(PROMPTS, NEW_TOKENS)
     cluster, workers = start_cluster()
     try:
         report = {"spread": tokens_across_nodes(model_dir, expected)}
         report["node_loss"] = node_loss(cluster, workers, model_dir, expected)
+        report["training_node_loss"] = training_after_node_loss(cluster, workers, run_root)
     finally:
         ray.shutdown()
         cluster.shutdown()
