@@ -153,7 +153,7 @@ def main() -> None:
     emit(kind="config", preset="tiny", overrides=OVERRIDES, moe_layers=config.moe_layers, actors=actors,
          batches=batches, layer_warmup=warmup, layer_iters=iters, decode_new_tokens=new_tokens,
          decode_repeats=repeats, prompt_len=1, cpus_per_actor=0.5, cpu_threads_per_actor=1)  # fmt: skip
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})  # fmt: skip
     started = time.perf_counter()
     try:

@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--actors", default="1,2,4")
     args = parser.parse_args()
     counts = [int(k) for k in args.actors.split(",")]
-    ray.init(num_cpus=4, include_dashboard=False, namespace=NAMESPACE, object_store_memory=512 * 1024**2)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=NAMESPACE, object_store_memory=512 * 1024**2)
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="moeray-bench-memory-") as folder:

@@ -117,7 +117,7 @@ def shared_gpu_graph(folder: str) -> bool:
 
     prompts = [[5, 9, 3, 17], [7, 1, 4, 4, 8, 2, 6, 30, 31], [11]]
     expected = DeepseekV2ForCausalLM.from_pretrained(folder).generate(prompts, 16)  # the CPU path, fp32
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace=NAMESPACE)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, namespace=NAMESPACE)
     equal = True
     try:
         graph = ActorGraph.create(ClusterSpec(model=folder, name="gpu-check", expert_actors=2, gpus_per_actor=0.3,

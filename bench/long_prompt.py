@@ -129,7 +129,7 @@ def run_engine(tokens: int, chunk: int) -> dict:
             await engine.shutdown()
             graph.teardown()
 
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE)
     try:
         return asyncio.run(prefill())
     finally:

@@ -108,17 +108,18 @@ def descendants(root: int) -> list[int]:
 
 def memory_by_process(root: int) -> dict[int, dict]:
     """Per process under `root`: its name (Ray's workers are ray::RouterActor, ray::ServeReplica:...;
-    the task they run now is left out), resident bytes, and the private part of them (RssAnon:
+    the task they run now is left out; other processes by the kernel's name, as their command lines
+    may be rewritten), resident bytes, and the private part of them (RssAnon:
     without the shared memory of Ray's object store, whose pages count as resident as it fills)."""
     out = {}
     for pid in descendants(root):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
             name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            name = name.split(".")[0] if name.startswith("ray::") else Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
         fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
                   if line.startswith(("VmRSS:", "RssAnon:"))}
-        out[pid] = {"name": name.split(".")[0] if name.startswith("ray::") else Path(name).name,
-                    "rss": fields.get("VmRSS", 0), "anon": fields.get("RssAnon", 0)}
+        out[pid] = {"name": name, "rss": fields.get("VmRSS", 0), "anon": fields.get("RssAnon", 0)}
     return out

@@ -46,6 +46,7 @@ class Demo:
     """What the quickstart asks a model: five distinct held-out questions of its task."""
 
     questions: list[Question]
+    trained: bool  # an arith_task.json says what the model was trained to answer
     multi_turn: bool
     about: str
 
@@ -54,7 +55,7 @@ class Demo:
         task = trained_task_of(model_dir)
         problems = arith_split(task or ArithConfig())["heldout"][:5]
         questions = [Question(arith_question(*p), arith_answer(*p) if task else None) for p in problems]
-        return cls(questions, task is not None and task.multi_turn, _about(task))
+        return cls(questions, task is not None, task is not None and task.multi_turn, _about(task))
 
 
 def _about(task: TrainedTask | None) -> str:
@@ -92,7 +93,8 @@ def quickstart(model_dir: Path | None = None, expert_actors: int = 2, max_tokens
     template = _chat_template_of(model_dir)
     api_key = "sk-moeray-" + secrets.token_urlsafe(16)
     shown = model_dir.relative_to(PROJECT) if model_dir.resolve().is_relative_to(PROJECT) else model_dir
-    _say(f"moeray quickstart: {shown} on {expert_actors} expert actors + 1 router, Ray Serve in front (embedded Ray)")
+    actors = f"{expert_actors} expert actor{'s' if expert_actors != 1 else ''}"
+    _say(f"moeray quickstart: {shown} on {actors} + 1 router, Ray Serve in front (embedded Ray)")
     _say(demo.about)
     running = start(
         model_dir, expert_actors=expert_actors, port=free_port(), grpc_port=free_port(), api_keys=[api_key],
@@ -169,9 +171,10 @@ def _ask_in_session(client: openai.OpenAI, model: str, demo: Demo, answers: Answ
         heading = "turn 2, a follow-up (the session's latent cache holds turn 1)"
         messages = [*first.messages(), {"role": "assistant", "content": answer}, *second.messages()]
     else:
-        _say(f"  (this model answers single questions, not follow-ups: its {TASK_FILE} has no "
-             '"multi_turn": true; so turn 2 is a question of its own, and the session\'s latent cache serves '
-             "the start it shares with turn 1)")
+        reason = (f'its {TASK_FILE} has no "multi_turn": true' if demo.trained
+                  else f"no {TASK_FILE} says it was trained on them")
+        _say(f"  (follow-ups are not asked: {reason}; so turn 2 is a question of its own, and the session's "
+             "latent cache serves the start it shares with turn 1)")
         heading, messages = "turn 2", second.messages()
     _ask_chat(client, model, second, answers, max_tokens, heading, messages, **session)
 

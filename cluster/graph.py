@@ -41,19 +41,21 @@ def expert_name(graph: str, index: int) -> str:
 
 
 def ensure_ray(**init_kwargs: Any) -> bool:
-    """Join RAY_ADDRESS (or a cluster `ray start` began on this machine), else start an embedded one.
-    Returns whether this process started the cluster (and so must leave nothing of it behind).
+    """Join RAY_ADDRESS (`auto`: a cluster `ray start` began on this machine), else start an embedded
+    one, never joining a cluster nobody named (whose `ray start` may belong to someone else, or be
+    gone). Returns whether this process started the cluster (and so must leave nothing of it behind).
 
     An embedded cluster runs with Ray's token authentication, chosen here rather than left to Ray's
     default (which warns about it); setting RAY_AUTH_MODE yourself overrides the choice."""
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ:
+    embedded = not os.environ.get("RAY_ADDRESS")
+    if embedded and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         # Ray read its configuration (the auth mode with it) when it was imported: without reading it
         # again this process would talk to its own cluster without the token the cluster requires.
         ray._raylet.Config.initialize("")
-    ray.init(namespace=NAMESPACE, **init_kwargs)
+    ray.init(address="local" if embedded else None, namespace=NAMESPACE, **init_kwargs)
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
 

@@ -316,7 +316,7 @@ def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> 
     """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
     graph dies, up to config.max_failures times."""
     run_dir = prepare_run_dir(config, resume, overwrite)
-    start = find_start(config, run_dir, resume)
+    start = find_start(config, run_dir, resume, log)
     tokenizer = ChatTokenizer.from_pretrained(start.tokenizer_dir)
     rewards = Rewards(config.rewards)
 

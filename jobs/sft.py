@@ -199,7 +199,8 @@ class Start:
     tokenizer_dir: Path
 
 
-def find_start(config: RunConfig, run_dir: Path, resume: bool) -> Start:
+def find_start(config: RunConfig, run_dir: Path, resume: bool, log: Callable[[str], None] = log) -> Start:
+    """Where a run starts: its newest complete checkpoint when resuming, else the init model."""
     checkpoint = latest_checkpoint(run_dir) if resume else None
     tokenizer_dir = run_dir / TOKENIZER_DIR
     tokenizer_dir.mkdir(exist_ok=True)
@@ -238,7 +239,7 @@ def run_steps(
         record = {"step": step + 1, "lr": lr, **record, "step_s": elapsed, "tokens_per_s": record["tokens"] / elapsed}
         metrics.write(record)
         if progress is not None:
-            progress.update(step + 1, loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+            progress.update(step + 1, ce=record["ce"], loss=record["loss"], tokens_per_s=record["tokens_per_s"])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             last_checkpoint = save_checkpoint(trainer, run_dir, step + 1, position, start.tokenizer_dir)
             if config.plot:
@@ -327,7 +328,7 @@ def resume_on_lost_actors(
             failures += 1
             log(f"a process of the training graph died ({type(error).__name__}); resuming from the newest "
                 f"complete checkpoint (failure {failures} of at most {config.max_failures})")
-            start = find_start(config, run_dir, resume=True)
+            start = find_start(config, run_dir, resume=True, log=log)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .local_ray import free_port, left_behind, private_ray_env
+from .local_ray import free_port, left_behind, private_ray_env, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = "to stop"  # moeray serve's last start-up line: "Ctrl-C (SIGINT) or SIGTERM to stop"
@@ -53,6 +53,29 @@ class Output:
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts `moeray serve &` from a script
+
+
+@pytest.mark.timeout(300)
+def test_without_ray_address_moeray_starts_its_own_cluster_beside_a_ray_start_one():
+    """A `ray start` cluster on the machine (maybe someone else's, maybe gone) is joined only when named
+    (RAY_ADDRESS); otherwise moeray's embedded cluster starts, as the README says."""
+    env, ray_tmpdir = private_ray_env("re")
+    with ray_head({**env, "RAY_AUTH_MODE": "disabled"}, ROOT, num_cpus=1) as head:
+        # What `ray start` (without --block) leaves behind for an unnamed ray.init() to join.
+        (ray_tmpdir / "ray").mkdir()
+        (ray_tmpdir / "ray" / "ray_current_cluster").write_text(head.address)
+        probe = ("import ray; from cluster.graph import ensure_ray; started = ensure_ray(); "
+                 "print(started, ray.get_runtime_context().gcs_address.rsplit(':')[-1])")  # started, GCS port
+        head_port = head.address.rsplit(":")[-1]
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+        started, address = done.stdout.split()[-2:]
+        assert address != head_port and started == "True"
+        named = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                               env={**env, "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "disabled"})
+        assert named.returncode == 0, named.stderr[-2000:]
+        assert named.stdout.split()[-2:] == ["False", head_port]
 
 
 @pytest.mark.timeout(600)

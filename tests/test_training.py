@@ -318,7 +318,7 @@ def test_training_shows_progress_and_writes_eval_json_by_default(tmp_path, capsy
                  "--set", "plot=false"]) == 0
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[jobs.sft] step ")]
     assert [line.split()[2].rstrip(",") for line in progress] == [f"{step}/6" for step in range(1, 7)]
-    assert "loss" in progress[-1] and "left" in progress[-1]
+    assert ", ce " in progress[-1] and "loss" in progress[-1] and "left" in progress[-1]  # ce: the task alone
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert evaluation["n"] == 20 and 0 <= evaluation["exact_match"] <= 1
 
