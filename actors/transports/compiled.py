@@ -20,6 +20,18 @@ logger = logging.getLogger(__name__)
 RETRY_INTERVAL_S = 2.0
 
 
+def _tear_down(graph) -> None:
+    """Ray logs each step of a compiled graph's teardown at INFO in this (the router's) process, and
+    the lines reach the driver's output at every transport switch and graph teardown: not for users."""
+    dag_logger = logging.getLogger("ray.dag.compiled_dag_node")
+    level = dag_logger.level
+    dag_logger.setLevel(logging.WARNING)
+    try:
+        graph.teardown()
+    finally:
+        dag_logger.setLevel(level)
+
+
 class _Execution(InFlight):
     def __init__(self, transport: "CompiledGraphTransport", layer: int, messages: Messages, refs: list):
         self.transport, self.layer, self.messages, self.refs = transport, layer, messages, refs
@@ -100,7 +112,7 @@ class CompiledGraphTransport(ExpertTransport):
         self._failures += 1
         graph, self.graph = self.graph, None
         try:
-            graph.teardown()
+            _tear_down(graph)
         except Exception:  # the graph is already half gone with its actor; nothing more to release
             pass
         self._next_retry = time.monotonic() + RETRY_INTERVAL_S
@@ -122,5 +134,5 @@ class CompiledGraphTransport(ExpertTransport):
 
     def teardown(self) -> None:
         if self.graph is not None:
-            self.graph.teardown()
+            _tear_down(self.graph)
             self.graph = None
