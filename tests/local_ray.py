@@ -55,30 +55,59 @@ class RayHead:
             time.sleep(2)  # the dashboard answers before its job agent has registered
 
 
+START_ATTEMPTS = 3
+
+
 @contextmanager
 def ray_head(env: dict, cwd: Path, num_cpus: int = 4) -> Iterator[RayHead]:
-    """Start a head (logical CPUs `num_cpus`) in `cwd` with `env`; yield once its job API answers."""
+    """Start a head (logical CPUs `num_cpus`) in `cwd` with `env`; yield once its job API answers.
+
+    A port chosen free can be taken by another process before Ray binds it (the machine runs other
+    clusters): a head that exits while starting is started again on fresh ports, and what the last
+    one printed is in the failure."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+        head, port, url = start_head(env, cwd, num_cpus, temp_dir)
+        try:
+            if answers_jobs(head, url, env):
+                yield RayHead(f"127.0.0.1:{port}", url, env, cwd)
+                return
+            assert attempt < START_ATTEMPTS, (
+                f"ray start exited {START_ATTEMPTS} times; the last printed:\n{tail(Path(temp_dir) / 'ray-start.log')}")
+        finally:
+            stop_process_group(head)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_head(env: dict, cwd: Path, num_cpus: int, temp_dir: str) -> tuple[subprocess.Popen, int, str]:
     port, dashboard = free_port(), free_port()
     own_ports = [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats", *own_ports],
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 120
-        while subprocess.run(["ray", "job", "list", "--address", url], env=env, capture_output=True,
-                             timeout=60).returncode:
-            assert head.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the dashboard never came up"
-            time.sleep(1)
-        yield RayHead(f"127.0.0.1:{port}", url, env, cwd)
-    finally:
-        stop_process_group(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with open(Path(temp_dir) / "ray-start.log", "wb") as log:
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats", *own_ports],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return head, port, f"http://127.0.0.1:{dashboard}"
+
+
+def answers_jobs(head: subprocess.Popen, url: str, env: dict, timeout_s: float = 120) -> bool:
+    """True once the head's job API answers, False if `ray start` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run(["ray", "job", "list", "--address", url], env=env, capture_output=True,
+                         timeout=60).returncode:
+        if head.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the dashboard never came up"
+        time.sleep(1)  # polling the job API: nothing announces that the dashboard is up
+    return True
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    with suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "(nothing)"
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
