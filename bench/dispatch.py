@@ -39,6 +39,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 
+from actors.transports.compiled import tear_down_quietly
 from bench.args import positive_ints
 from cluster.graph import GRAPH_ENV_VARS, NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
@@ -104,7 +105,7 @@ class EchoCaller:
                         samples.append(time.perf_counter_ns() - start)
                     rows.append({"transport": name, "batch": batch, "round_trip_ns": samples[warmup:]})
         finally:
-            compiled.teardown()
+            tear_down_quietly(compiled)
         return rows
 
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 RETRY_INTERVAL_S = 2.0
 
 
-def _tear_down(graph) -> None:
+def tear_down_quietly(graph) -> None:
     """Ray logs each step of a compiled graph's teardown at INFO in this (the router's) process, and
     the lines reach the driver's output at every transport switch and graph teardown: not for users."""
     dag_logger = logging.getLogger("ray.dag.compiled_dag_node")
@@ -112,7 +112,7 @@ class CompiledGraphTransport(ExpertTransport):
         self._failures += 1
         graph, self.graph = self.graph, None
         try:
-            _tear_down(graph)
+            tear_down_quietly(graph)
         except Exception:  # the graph is already half gone with its actor; nothing more to release
             pass
         self._next_retry = time.monotonic() + RETRY_INTERVAL_S
@@ -134,5 +134,5 @@ class CompiledGraphTransport(ExpertTransport):
 
     def teardown(self) -> None:
         if self.graph is not None:
-            _tear_down(self.graph)
+            tear_down_quietly(self.graph)
             self.graph = None
