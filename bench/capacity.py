@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import requests
 
+from bench.args import model_folder, positive_int
 from serving import moeray_pb2 as pb
 from serving import moeray_pb2_grpc as pb_grpc
 
@@ -100,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     from .served import PROJECT, free_port
 
     parser = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(PROJECT / "checkpoints" / "tiny-random"))
-    parser.add_argument("--cache-blocks", type=int, default=16)
+    parser.add_argument("--model", type=model_folder, default=str(PROJECT / "checkpoints" / "tiny-random"))
+    parser.add_argument("--cache-blocks", type=positive_int, default=16)
     args = parser.parse_args(argv)
+    if args.cache_blocks < SESSION_BLOCKS:
+        parser.error(f"--cache-blocks must hold one session ({SESSION_BLOCKS} blocks)")
     model_dir = Path(args.model)
     config = DeepseekV2Config.from_pretrained(model_dir)
     reference = DeepseekV2ForCausalLM.from_pretrained(model_dir)

@@ -140,7 +140,7 @@ def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~2 min)")
     parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 
+from bench.args import positive_int, positive_ints
 from cluster.graph import NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -69,11 +70,13 @@ def measure(folder: str, k: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (the first is dense)")
-    parser.add_argument("--actors", default="1,2,4")
+    parser = argparse.ArgumentParser(prog="python -m bench.expert_memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=positive_int, default=2, help="decoder layers (the first is dense)")
+    parser.add_argument("--actors", type=positive_ints, default=[1, 2, 4], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
-    counts = [int(k) for k in args.actors.split(",")]
+    if args.layers < 2:
+        parser.error("--layers must be at least 2: the first decoder layer has no experts")
+    counts = args.actors
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=NAMESPACE, object_store_memory=512 * 1024**2)
     started = time.perf_counter()
     try:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import requests
 
+from bench.args import model_folder, positive_int
+
 REQUEST_TIMEOUT_S = 120
 RETRYABLE_CODES = {"engine_unavailable", "overloaded", "rate_limit_exceeded"}
 RETRY_AFTER_S = 1.0  # what the server's Retry-After says for these
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=sorted(FAULTS), action="append", help="default: every fault")
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--model", default=str(PROJECT / "checkpoints" / "tiny-random"))
+    parser.add_argument("--streams", type=positive_int, default=4)
+    parser.add_argument("--model", type=model_folder, default=str(PROJECT / "checkpoints" / "tiny-random"))
     args = parser.parse_args(argv)
     key, name = "sk-bench-faults", "bench-faults"
     running = start(Path(args.model), port=free_port(), grpc_port=free_port(), api_keys=[key], name=name,

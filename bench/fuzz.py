@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import requests
 
+from bench.args import positive_int
+
 GREEDY_PROBE = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0}
 
 
@@ -77,9 +79,9 @@ def problems(response) -> list[str]:
 def fuzz(base_url: str, model: str, keys: list[str], requests_wanted: int, seed: int = 0) -> FuzzReport:
     """About `requests_wanted` generated requests (split over the operations), then the probe."""
     import hypothesis
+    import schemathesis
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis import strategies as st
-    import schemathesis
     from schemathesis.generation import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", help="a valid API key of --url")
     parser.add_argument("--other-key", help="a second valid key of --url (another tenant)")
     parser.add_argument("--model", default="tiny-random", help="the served model name")
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=positive_int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.url and not args.key:

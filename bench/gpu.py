@@ -27,6 +27,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch
 
+from bench.args import positive_int
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
 NO_CUDA_STATUS = 3
@@ -138,9 +139,9 @@ def shared_gpu_graph(folder: str) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the V2-Lite-shaped model")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers of the V2-Lite-shaped model")
+    parser.add_argument("--new-tokens", type=positive_int, default=128)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA device: this check needs a GPU machine", file=sys.stderr)

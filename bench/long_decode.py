@@ -20,12 +20,13 @@ import time
 
 import ray
 
+from bench.args import model_folder
 from cluster.graph import ActorGraph, ensure_ray
 from cluster.spec import ClusterSpec
-from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.sampling import SamplingParams
 from engine import Engine, EngineConfig
 from engine.generation import GenerationRequest, Usage
+from model import DeepseekV2Config, DeepseekV2ForCausalLM
+from model.sampling import SamplingParams
 
 EARLY = (50, 250)
 LATE = (1550, 1750)
@@ -58,17 +59,12 @@ def window_ms(steps: list[float], window: tuple[int, int], quantile: float) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None, help="model folder (default: a random tiny model)")
+    parser = argparse.ArgumentParser(prog="python -m bench.long_decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=model_folder, default=None, help="model folder (default: a random tiny model)")
     parser.add_argument("--tokens", type=int, default=1800)
     args = parser.parse_args()
     if args.tokens < LATE[1]:
         parser.error(f"--tokens must be at least {LATE[1]}")
-    if args.model is not None:
-        try:
-            DeepseekV2Config.from_pretrained(args.model)
-        except FileNotFoundError as error:
-            parser.error(str(error))
     model = args.model or tiny_model(tempfile.mkdtemp(prefix="moeray-long-decode-"))
     ensure_ray(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2)
     graph = ActorGraph.create(

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from bench.args import positive_int
 from model import DeepseekV2Config, DeepseekV2ForCausalLM, LatentCache, RaggedBatch
 
 PATHS = ("forward", "generate", "chunked", "train", "train_documents", "engine")
@@ -100,8 +101,8 @@ def run_engine(tokens: int, chunk: int) -> dict:
 
     from cluster.graph import NAMESPACE, ActorGraph
     from cluster.spec import ClusterSpec
-    from model.sampling import SamplingParams
     from engine import Engine, EngineConfig, GenerationRequest
+    from model.sampling import SamplingParams
 
     folder = tempfile.mkdtemp(prefix="moeray-long-prompt-")
     config = bench_config(tokens)
@@ -154,9 +155,9 @@ def measure(path: str, tokens: int, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.long_prompt", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk (chunked, engine)")
+    parser.add_argument("--chunk", type=positive_int, default=2048, help="prefill chunk (chunked, engine)")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

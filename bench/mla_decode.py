@@ -29,7 +29,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from bench.args import positive_ints
+from bench.args import positive_int, positive_ints
 from model import CacheBatch, DeepseekV2Config, DeepseekV2ForCausalLM, LatentCache
 
 # V2-Lite attention (16 heads, d_h 128, d_R 64, d_v 128, d_c 512, no q compression, YaRN x40);
@@ -162,11 +162,11 @@ def emit(obj: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.mla_decode", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 at context 512 only, few tokens")
-    parser.add_argument("--new-tokens", type=int, default=None, help="decode steps per case (default 16)")
+    parser.add_argument("--new-tokens", type=positive_int, default=None, help="decode steps per case (default 16)")
     parser.add_argument("--contexts", type=positive_ints, default=[512, 2048, 4096], help="batch-8 contexts")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)), help="torch threads")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (5 if args.quick else 16)
     contexts = [512] if args.quick else args.contexts

@@ -19,12 +19,13 @@ import time
 
 import ray
 
+from bench.args import model_folder, positive_int
 from cluster.graph import ActorGraph, ensure_ray
 from cluster.spec import ClusterSpec
-from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.sampling import SamplingParams
 from engine import Engine, EngineConfig
 from engine.generation import GenerationRequest, Usage
+from model import DeepseekV2Config, DeepseekV2ForCausalLM
+from model.sampling import SamplingParams
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,17 +118,12 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None, help="model folder (default: a random tiny model)")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=model_folder, default=None, help="model folder (default: a random tiny model)")
+    parser.add_argument("--max-tokens", type=positive_int, default=32)
     parser.add_argument("--quick", action="store_true")
     arguments = parser.parse_args()
-    if arguments.model is not None:
-        try:
-            DeepseekV2Config.from_pretrained(arguments.model)
-        except FileNotFoundError as error:
-            parser.error(str(error))
-    else:
+    if arguments.model is None:
         arguments.model = tempfile.mkdtemp(prefix="moeray-bench-")
         config = DeepseekV2Config.preset("tiny", initializer_range=0.1)
         DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(arguments.model)

@@ -23,6 +23,8 @@ from collections import Counter
 
 import requests
 
+from bench.args import non_negative_float, positive_float, positive_int
+
 from .served import memory_by_process, moeray_serve
 
 REQUEST_TIMEOUT_S = 120
@@ -121,9 +123,9 @@ def memory_figures(start: dict[int, dict], warm: dict[int, dict], end: dict[int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=600, help="measured time after the warm-up")
-    parser.add_argument("--warmup-s", type=float, default=60)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration-s", type=positive_float, default=600, help="measured time after the warm-up")
+    parser.add_argument("--warmup-s", type=non_negative_float, default=60)
+    parser.add_argument("--concurrency", type=positive_int, default=32)
     args = parser.parse_args(argv)
     with moeray_serve() as served:
         report = soak(served.base_url, served.keys[0], served.model, served.process.pid, args.concurrency,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bench.args import non_negative_int, positive_int
+
 
 @dataclass
 class Run:
@@ -58,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/arith-tiny.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--rounds", type=int, default=4, help="the timed steps in this many alternating rounds")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--expert-actors", type=int, default=2)
-    parser.add_argument("--routers", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per run")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="the timed steps in this many alternating rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--expert-actors", type=positive_int, default=2)
+    parser.add_argument("--routers", type=positive_int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 

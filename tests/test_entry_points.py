@@ -136,6 +136,13 @@ MISTAKES = {
     "bench.train, no config file": (["bench.train", "--config", "/nonexistent/sft.yaml"], "/nonexistent/sft.yaml"),
     "bench.long_decode, no model folder": (["bench.long_decode", "--model", MISSING], MISSING),
     "bench.dispatch, bad value": (["bench.dispatch", "--actors", "0"], "'0'"),
+    "bench.faults, no model folder": (["bench.faults", "--model", MISSING], MISSING),
+    "bench.serving, no model folder": (["bench.serving", "--model", MISSING], MISSING),
+    "bench.capacity, a cache smaller than a session": (["bench.capacity", "--cache-blocks", "2"], "--cache-blocks"),
+    "bench.soak, bad value": (["bench.soak", "--concurrency", "0"], "--concurrency"),
+    "bench.fuzz, bad value": (["bench.fuzz", "--requests", "-1"], "--requests"),
+    "bench.long_prompt, bad value": (["bench.long_prompt", "--chunk", "0"], "--chunk"),
+    "bench.expert_memory, no MoE layer": (["bench.expert_memory", "--layers", "1"], "--layers"),
 }
 
 
