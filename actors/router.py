@@ -273,8 +273,12 @@ class RouterActor:
 
         def run() -> StepParts:
             input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
+            self.experts.time_spent.take()  # from here on: this step's traffic only
             parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
-            return parts.model_copy(update={"grad_norm": self._update(update)})
+            update_started = time.perf_counter()
+            grad_norm = self._update(update)
+            seconds = {**parts.seconds, **self.experts.time_spent.take(), "update": time.perf_counter() - update_started}
+            return parts.model_copy(update={"grad_norm": grad_norm, "seconds": seconds})
 
         return await self._step(run)
 

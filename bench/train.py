@@ -3,7 +3,10 @@
     python -m bench.train [--config jobs/configs/arith-tiny.yaml] [--steps 20] [--rounds 4] [--expert-actors 2]
 
 Prints JSON lines: one per one-process run (torch threads 1 and the machine's cores), one for the actor
-graph (embedded Ray, or RAY_ADDRESS), then the ratio graph / best one-process run. Same model, same
+graph (embedded Ray, or RAY_ADDRESS), then the ratio graph / best one-process run. Each run's
+`phase_ms` is its mean step split as the trainer reports it (`seconds` in metrics.jsonl): forward,
+backward, update and, on the graph (averaged over routers), expert_send / expert_wait (parts of forward
+and backward). Same model, same
 batches, same seeds; the first `--warmup` steps are not timed. The timed steps run in `--rounds`
 alternating rounds (each run takes its next steps in turn), so that a change in the machine's load
 falls on every run alike rather than on whichever happened to be running.
@@ -16,7 +19,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ class Run:
     seconds: float = 0.0
     tokens: int = 0
     last_loss: float = float("nan")
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # the timed steps' `seconds`, summed
 
     def steps(self, batches: list, count: int, lr: float, timed: bool) -> None:
         torch.set_num_threads(self.torch_threads)
@@ -43,7 +47,11 @@ class Run:
         start = time.perf_counter()
         for step in taken:
             ids, labels = batches[step]
-            self.last_loss = self.trainer.step(step, ids, labels, lr)["loss"]
+            record = self.trainer.step(step, ids, labels, lr)
+            self.last_loss = record["loss"]
+            if timed:
+                for phase, seconds in record["seconds"].items():
+                    self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
         if timed:
             self.seconds += time.perf_counter() - start
             self.timed_steps += count
@@ -53,6 +61,7 @@ class Run:
     def summary(self) -> dict:
         return {**self.result, "tokens_per_s": round(self.tokens / self.seconds, 1),
                 "step_s": round(self.seconds / self.timed_steps, 4), "timed_steps": self.timed_steps,
+                "phase_ms": {phase: round(1e3 * total / self.timed_steps, 1) for phase, total in self.phase_seconds.items()},
                 "last_loss": self.last_loss}  # fmt: skip
 
 

@@ -95,6 +95,7 @@ def combine_parts(parts: list[StepParts], n_learned: int) -> dict[str, Any]:
         "learned_tokens": n_learned,
         "expert_load": {str(layer): counts for layer, counts in sorted(load.items())},
         "grad_norm": parts[0].grad_norm,  # every rank computed the same global norm
+        "seconds": {phase: sum(p.seconds.get(phase, 0.0) for p in parts) / len(parts) for phase in parts[0].seconds},
     }
 
 
@@ -213,7 +214,10 @@ class LocalTrainer(Trainer):
         n_learned = learned_tokens(labels)
         seed = step_seed(self.config.seed, step, 0)
         parts = next_token_backward(self.model, input_ids, labels, 1.0 / max(n_learned, 1), seed, self.config.dtype)
-        return combine_parts([parts.model_copy(update={"grad_norm": self.apply_gradients(lr)})], n_learned)
+        update_started = time.perf_counter()
+        grad_norm = self.apply_gradients(lr)
+        seconds = {**parts.seconds, "update": time.perf_counter() - update_started}
+        return combine_parts([parts.model_copy(update={"grad_norm": grad_norm, "seconds": seconds})], n_learned)
 
     def apply_gradients(self, lr: float) -> float:
         """The optimizer step after a backward, whatever the loss (SFT's, GRPO's): clip to the global

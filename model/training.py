@@ -15,6 +15,7 @@ gives the gradient of the global token-mean CE plus the mean balance losses, wha
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ContextManager
@@ -240,6 +241,7 @@ class StepParts(BaseModel):
     tokens_per_expert: dict[int, list[int]]
     dropped_fraction: float
     grad_norm: float = 0.0  # the global gradient norm before clipping, filled in by the update
+    seconds: dict[str, float] = Field(default_factory=dict)  # wall time by phase: forward, backward, (router) update…
 
 
 def next_token_backward(
@@ -249,6 +251,7 @@ def next_token_backward(
     first (token dropping draws its exempt sequences from it), so a resumed run draws the same."""
     torch.manual_seed(seed)
     model.train()
+    started = time.perf_counter()
     try:
         with torch.enable_grad():
             with autocast(dtype, input_ids.device):
@@ -257,9 +260,11 @@ def next_token_backward(
             ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             balance = out.balance_losses
             loss = ce_sum * ce_weight + sum(balance.values(), torch.zeros((), dtype=logits.dtype))
+            forward_done = time.perf_counter()
             loss.backward()
     finally:
         model.eval()
+    seconds = {"forward": forward_done - started, "backward": time.perf_counter() - forward_done}
     tokens = input_ids.numel()
     load = {layer: counts.tolist() for layer, counts in out.tokens_per_expert.items()}
     dispatched = sum(sum(c) for c in load.values())
@@ -271,4 +276,5 @@ def next_token_backward(
         balance={name: float(value.detach()) for name, value in balance.items()},
         tokens_per_expert=load,
         dropped_fraction=1.0 - dispatched / assignments if assignments else 0.0,
+        seconds=seconds,
     )

@@ -228,6 +228,8 @@ def test_one_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
     assert metrics["grad_norm"] > config.grad_clip  # the clip is exercised
     assert metrics["dropped_fraction"] > 0  # so is token dropping
     assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    assert set(metrics["seconds"]) == {"forward", "backward", "expert_send", "expert_wait", "update"}
+    assert metrics["seconds"]["expert_wait"] > 0 and min(metrics["seconds"].values()) >= 0
     got = load_tensors(out, tensor_files(out))
     assert set(got) == set(expected)
     for name, tensor in got.items():
