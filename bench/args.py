@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def positive_ints(text: str) -> list[int]:
@@ -43,7 +44,7 @@ def model_folder(text: str) -> str:
     return text
 
 
-def _number(text: str, kind: type, expected: str, valid) -> int | float:
+def _number(text: str, kind: type, expected: str, valid: Callable[[float], bool]) -> int | float:
     try:
         value = kind(text)
     except ValueError:
