@@ -60,12 +60,15 @@ class ExpertActor:
         outputs = self.local.forward(layer, tokens.to(self.device, self.dtype), counts, keep_for_backward=False)[0]
         return outputs.to(tokens.dtype)
 
-    def forward_compiled(self, message: tuple[int, Tensor | None, list[int]]) -> Tensor:
-        """The compiled graph's entry: one (layer, tokens, counts) message per execution; an idle
-        actor gets tokens=None and answers a placeholder (zero-size tensors cannot cross the channel)."""
+    def forward_compiled(self, message: tuple[int, WireTensor | Tensor | None, list[int]]) -> WireTensor | Tensor:
+        """The compiled graph's entry: one (layer, tokens, counts) message per execution, the tokens
+        as numpy (through host shared memory) or as tensors (NCCL), answered the same way. An idle
+        actor gets tokens=None and answers a placeholder (zero-size tensors cannot cross a channel)."""
         layer, tokens, counts = message
         if tokens is None:
             return IDLE_REPLY
+        if isinstance(tokens, WireTensor):
+            return to_wire(self._forward(layer, from_wire(tokens, self.device), counts))
         return self._forward(layer, tokens, counts)
 
     def forward_train(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, int]:

@@ -15,8 +15,9 @@ Prints JSON lines on stdout ("kind" says which):
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`;
 - "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
-  each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 array and waits
-  for the answers, over ordinary calls and over a compiled graph; nothing is computed. The "layer" rows
+  each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 numpy array (the
+  graph's messages on a CPU) and waits for the answers, over ordinary calls and over a compiled graph;
+  nothing is computed. The "layer" rows
   minus the local experts' time, minus this, is what moeray itself adds;
 - "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
@@ -86,12 +87,11 @@ class EchoCaller:
         from ray.dag import InputNode, MultiOutputNode
 
         with InputNode() as inputs:
-            dag = MultiOutputNode([a.forward_compiled.bind(inputs[i]).with_tensor_transport("auto")
-                                   for i, a in enumerate(actors)])  # fmt: skip
+            dag = MultiOutputNode([a.forward_compiled.bind(inputs[i]) for i, a in enumerate(actors)])
         compiled = dag.experimental_compile()
         calls = {
             "objectstore": lambda x: ray.get([a.forward.remote(1, x.numpy(), [len(x)]) for a in actors]),
-            "compiled": lambda x: ray.get(compiled.execute(*[(1, x, [len(x)])] * len(actors))),
+            "compiled": lambda x: ray.get(compiled.execute(*[(1, x.numpy(), [len(x)])] * len(actors))),
         }
         rows = []
         try:
