@@ -19,7 +19,8 @@ from model.moe import make_experts
 from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast, grad_sq_norm, gradients, zero_grads
 
 from .devices import ComputeDtype, actor_device, compute_dtype
-from .wire import WireTensor, from_wire, to_wire
+from .shared_memory import SharedFiles, SharedTensor
+from .wire import Wire, WireTensor, from_wire, to_wire
 
 
 IDLE_REPLY = torch.zeros(1)
@@ -41,6 +42,7 @@ class ExpertActor:
         self.optimizer: NamedAdamW | None = None  # set by configure_training
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
+        self.shared = SharedFiles()  # the routers' shared-memory files of this node
 
     def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
@@ -52,8 +54,8 @@ class ExpertActor:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
 
     # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
-    def forward(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, None]:
-        return to_wire(self._forward(layer, from_wire(tokens, self.device), counts)), None
+    def forward(self, layer: int, tokens: Wire, counts: list[int]) -> tuple[Wire, None]:
+        return self._answer(tokens, self._forward(layer, self._received(tokens), counts)), None
 
     def _forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
         """The experts in their own dtype on their own device; the answer in the tokens' dtype."""
@@ -71,15 +73,28 @@ class ExpertActor:
             return to_wire(self._forward(layer, from_wire(tokens, self.device), counts))
         return self._forward(layer, tokens, counts)
 
-    def forward_train(self, layer: int, tokens: WireTensor, counts: list[int]) -> tuple[WireTensor, int]:
-        tokens = from_wire(tokens, self.device)
+    def forward_train(self, layer: int, message: Wire, counts: list[int]) -> tuple[Wire, int]:
+        tokens = self._received(message)
         with autocast(self.train_dtype, self.device):
             outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
-        return to_wire(outputs.to(tokens.dtype)), handle  # bf16 autocast: answer in the tokens' dtype
+        return self._answer(message, outputs.to(tokens.dtype)), handle  # bf16 autocast: in the tokens' dtype
 
-    def backward(self, handle: int, grad_outputs: WireTensor) -> tuple[WireTensor, None]:
+    def backward(self, handle: int, grad_outputs: Wire) -> tuple[Wire, None]:
         """The gradient of the tokens, in the forward's reply shape (the transport reads both alike)."""
-        return to_wire(self.local.backward(handle, from_wire(grad_outputs, self.device))), None
+        return self._answer(grad_outputs, self.local.backward(handle, self._received(grad_outputs))), None
+
+    def _received(self, message: Wire) -> Tensor:
+        if isinstance(message, SharedTensor):
+            return self.shared.tensor(message, self.device)
+        return from_wire(message, self.device)
+
+    def _answer(self, request: Wire, tensor: Tensor) -> Wire:
+        """The answer the way the request came: through the router's shared-memory file when it fits."""
+        if isinstance(request, SharedTensor):
+            shared = self.shared.answer(request, tensor)
+            if shared is not None:
+                return shared
+        return to_wire(tensor)
 
     # ---- parameters and gradients -------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -114,6 +114,7 @@ class RouterActor:
             "transport": transport.name,
             "transport_healthy": transport.healthy,
             "transport_failures": transport.failures,
+            "messages": {"shared_memory": 0, "inline": 0, **self.objectstore.sent},  # the object store's
         }
 
     async def get_expert_actors(self) -> list:

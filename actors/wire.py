@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .shared_memory import SharedTensor
+
 # Ray hands received arrays over as read-only buffers it owns; the experts never write into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
@@ -17,6 +19,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 class WireTensor(NamedTuple):
     data: np.ndarray  # the tensor's elements (bfloat16, which numpy lacks, travels as int16 bits)
     dtype: str
+
+
+Wire = WireTensor | SharedTensor  # inline, or left in shared memory on the sender's node (shared_memory.py)
 
 
 def to_wire(tensor: Tensor) -> WireTensor:

@@ -1,5 +1,6 @@
 """The expert-parallel actor graph on a real local Ray cluster: same tokens, same gradients."""
 
+import glob
 import json
 import os
 import subprocess
@@ -83,23 +84,60 @@ def graph_b2(ray_cluster, tiny_checkpoints):
     graph.teardown()
 
 
-def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints):
-    folder = tiny_checkpoints["B"]
-    ids = torch.randint(0, CONFIG_B.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    weights = torch.randn(2, 12, CONFIG_B.vocab_size, generator=torch.Generator().manual_seed(1))
+def assert_gradients_equal_one_process(graph: ActorGraph, folder, shape: tuple[int, int]) -> None:
+    ids = torch.randint(0, CONFIG_B.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(*shape, CONFIG_B.vocab_size, generator=torch.Generator().manual_seed(1))
 
     local = DeepseekV2ForCausalLM.from_pretrained(folder).train()
     (local(ids).logits * weights).sum().backward()
     expected = {name: p.grad for name, p in local.named_parameters()}
 
-    got = ray.get(graph_b2.routers[0].forward_backward.remote(ids, weights))
-    for actor in graph_b2.experts:
+    got = ray.get(graph.routers[0].forward_backward.remote(ids, weights))
+    for actor in graph.experts:
         got.update(ray.get(actor.grads.remote()))
         ray.get(actor.zero_grad.remote())
     assert got.keys() == {name for name, grad in expected.items() if grad is not None}
     for name, grad in got.items():
         scale = max(expected[name].abs().max().item(), 1.0)
         torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def messages_sent(graph: ActorGraph, step) -> dict[str, int]:
+    """How the object store carried the expert messages of `step()`: shared_memory / inline counts."""
+    before = ray.get(graph.routers[0].describe.remote())["messages"]
+    step()
+    after = ray.get(graph.routers[0].describe.remote())["messages"]
+    return {route: after[route] - before[route] for route in after}
+
+
+# 2 x 12 tokens: a few KB per actor, inline; 8 x 64: ~64 KB and more, through shared memory
+@pytest.mark.parametrize("shape, route", [((2, 12), "inline"), ((8, 64), "shared_memory")])
+def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints, shape, route):
+    sent = messages_sent(graph_b2, lambda: assert_gradients_equal_one_process(graph_b2, tiny_checkpoints["B"], shape))
+    assert sent[route] > 0 and sum(sent.values()) == sent[route], sent
+    assert not glob.glob("/dev/shm/moeray-*")  # a file is unlinked once its actor has answered through it
+
+
+def test_a_restarted_expert_actor_gets_its_messages_inline_once_then_through_a_new_file(ray_cluster, tiny_checkpoints):
+    folder = tiny_checkpoints["B"]
+    graph = make_graph(folder, "shm-restart", 2)
+    try:
+        assert messages_sent(graph, lambda: assert_gradients_equal_one_process(graph, folder, (8, 64)))["inline"] == 0
+        ray.kill(graph.experts[1], no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:  # Ray restarts it; its new process cannot map the router's (unlinked) file
+            try:
+                ray.get(graph.experts[1].ready.remote(), timeout=10)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                assert time.monotonic() < deadline, "the expert actor was never restarted"
+        sent = messages_sent(graph, lambda: assert_gradients_equal_one_process(graph, folder, (8, 64)))
+        assert sent["inline"] == 1, sent  # the refused message, sent again inline
+        sent = messages_sent(graph, lambda: assert_gradients_equal_one_process(graph, folder, (8, 64)))
+        assert sent["inline"] == 0 and sent["shared_memory"] > 0, sent
+    finally:
+        graph.teardown()
+    assert not glob.glob("/dev/shm/moeray-*")
 
 
 def test_rebalancing_with_replicas_keeps_tokens_and_lowers_imbalance(graph_b2, tiny_checkpoints):
