@@ -62,6 +62,16 @@ def test_small_messages_and_a_second_message_in_flight_travel_inline():
     assert not glob.glob(link.prefix + "-*")
 
 
+def test_a_message_whose_answer_is_never_read_frees_the_file_once_its_call_is_done(ray_cluster):
+    import ray
+
+    link = SharedLink(NODE, 0)
+    assert link.send(rows(512)) is not None
+    link.carried_by(ray.put(None))  # a call that is done, whose answer the router never read
+    assert link.send(rows(512)) is not None
+    link.failed()
+
+
 def test_an_actor_that_cannot_map_the_file_refuses_and_the_router_stops_or_starts_afresh():
     link = SharedLink(NODE, 0)
     message = link.send(rows(512))

@@ -92,6 +92,8 @@ class ObjectStoreTransport(ExpertTransport):
         for actor, (method, around, tensor) in calls.items():
             shared = self.link(actor).send(tensor)
             ref = self.call(actor, method, around, to_wire(tensor) if shared is None else shared)
+            if shared is not None:
+                self.link(actor).carried_by(ref)
             self.sent["inline" if shared is None else "shared_memory"] += 1
             started[actor] = _Call(method, around, tensor, shared is not None, ref)
         return _Calls(self, started)
