@@ -38,6 +38,7 @@ class SharedTensor(NamedTuple):
     """A tensor left in a shared-memory file of the sender's node: what travels instead of its data."""
 
     path: str
+    sender: str  # the router's Ray actor id (a restarted router keeps it)
     node_id: str  # the node whose /dev/shm holds the file
     offset: int  # bytes into the file
     shape: tuple[int, ...]
@@ -82,8 +83,8 @@ def _dtype_name(tensor: Tensor) -> str:
 class SharedLink:
     """The router's end of one expert actor's file: [messages | answers], each half `capacity` bytes."""
 
-    def __init__(self, node_id: str, actor: int):
-        self.node_id, self.actor = node_id, actor
+    def __init__(self, node_id: str, sender: str, actor: int):
+        self.node_id, self.sender, self.actor = node_id, sender, actor
         self.prefix = os.path.join(SHM_DIR, f"moeray-{uuid.uuid4().hex[:12]}-{actor}")
         self.generation = 0
         self.path: str | None = None
@@ -105,7 +106,7 @@ class SharedLink:
         tensor = tensor.detach().to("cpu").contiguous()
         _view(self.buffer, 0, tuple(tensor.shape), _dtype_name(tensor)).copy_(tensor)
         self.busy, self.call = True, None
-        return SharedTensor(self.path, self.node_id, 0, tuple(tensor.shape), _dtype_name(tensor))
+        return SharedTensor(self.path, self.sender, self.node_id, 0, tuple(tensor.shape), _dtype_name(tensor))
 
     def carried_by(self, call: ray.ObjectRef) -> None:
         """The call that took the last message: once it is done the file is free again, even if its
@@ -149,30 +150,31 @@ class SharedLink:
 
 
 class SharedFiles:
-    """The actor's end: the routers' files, mapped on first use (one per router, the newest)."""
+    """The actor's end: the routers' files, mapped on first use: one per router, its newest (a
+    restarted router's new files replace its predecessor's)."""
 
     def __init__(self, node_id: str | None = None):
         self.node_id = node_id  # this process's node; by default looked up at the first message
-        self.mapped: dict[str, tuple[str, mmap.mmap]] = {}  # a router's prefix -> its newest file
+        self.mapped: dict[str, tuple[str, mmap.mmap]] = {}  # sender -> (path, mapping) of its newest file
 
     def tensor(self, message: SharedTensor, device: torch.device | str = "cpu") -> Tensor:
         """A copy of the message's tensor on `device` (the file is rewritten by the next message)."""
-        view = _view(self._buffer(message.path, message.node_id), message.offset, message.shape, message.dtype)
+        view = _view(self._buffer(message), message.offset, message.shape, message.dtype)
         return view.to(device, copy=True)
 
     def answer(self, request: SharedTensor, tensor: Tensor) -> SharedTensor | None:
         """Write the answer to `request` into its file's second half; None when it does not fit."""
         tensor = tensor.detach().to("cpu").contiguous()
-        buffer = self._buffer(request.path, request.node_id)
+        buffer = self._buffer(request)
         half = len(buffer) // 2
         if tensor.numel() * tensor.element_size() > half:
             return None
         _view(buffer, half, tuple(tensor.shape), _dtype_name(tensor)).copy_(tensor)
-        return SharedTensor(request.path, request.node_id, half, tuple(tensor.shape), _dtype_name(tensor))
+        return request._replace(offset=half, shape=tuple(tensor.shape), dtype=_dtype_name(tensor))
 
-    def _buffer(self, path: str, node_id: str) -> mmap.mmap:
-        prefix = path.rsplit("-", 1)[0]
-        current = self.mapped.get(prefix)
+    def _buffer(self, message: SharedTensor) -> mmap.mmap:
+        path, node_id = message.path, message.node_id
+        current = self.mapped.get(message.sender)
         if current is not None and current[0] == path:
             return current[1]
         if self.node_id is None:
@@ -184,5 +186,5 @@ class SharedFiles:
         except FileNotFoundError:
             raise SharedMemoryUnavailable(f"{path} is gone: mapped and unlinked by an earlier process") from None
         _unlink(path)
-        self.mapped[prefix] = (path, buffer)
+        self.mapped[message.sender] = (path, buffer)
         return buffer

@@ -16,7 +16,7 @@ from actors.shared_memory import (
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
 
-NODE = "node-a"
+NODE, ROUTER = "node-a", "router-1"
 
 
 def rows(n: int, dtype=torch.float32) -> torch.Tensor:
@@ -25,7 +25,7 @@ def rows(n: int, dtype=torch.float32) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_message_and_its_answer_travel_through_one_file_that_is_unlinked_after(dtype):
-    link, files = SharedLink(NODE, 0), SharedFiles(NODE)
+    link, files = SharedLink(NODE, ROUTER, 0), SharedFiles(NODE)
     tokens = rows(512, dtype)
     message = link.send(tokens)
     assert message is not None and os.path.exists(message.path)
@@ -41,7 +41,7 @@ def test_a_message_and_its_answer_travel_through_one_file_that_is_unlinked_after
 
 
 def test_a_larger_message_gets_a_larger_file_and_the_receiver_follows():
-    link, files = SharedLink(NODE, 0), SharedFiles(NODE)
+    link, files = SharedLink(NODE, ROUTER, 0), SharedFiles(NODE)
     first = link.send(rows(128))
     link.answer(files.answer(first, files.tensor(first)))
     larger = link.send(rows(4096))
@@ -51,8 +51,18 @@ def test_a_larger_message_gets_a_larger_file_and_the_receiver_follows():
     assert not glob.glob(link.prefix + "-*")
 
 
+def test_a_restarted_router_s_files_replace_its_predecessor_s_at_the_actor():
+    files = SharedFiles(NODE)
+    for sender in (ROUTER, ROUTER, "router-2"):  # the same router twice (a restart keeps its id), another
+        link = SharedLink(NODE, sender, 0)
+        message = link.send(rows(512))
+        link.answer(files.answer(message, files.tensor(message)))
+    assert sorted(files.mapped) == [ROUTER, "router-2"]
+    assert files.mapped[ROUTER][0] != files.mapped["router-2"][0]
+
+
 def test_small_messages_and_a_second_message_in_flight_travel_inline():
-    link = SharedLink(NODE, 0)
+    link = SharedLink(NODE, ROUTER, 0)
     assert link.send(torch.zeros(MIN_BYTES // 4 - 1)) is None
     assert link.send(rows(512)) is not None
     assert link.send(rows(512)) is None  # the first one's answer is not read yet
@@ -65,7 +75,7 @@ def test_small_messages_and_a_second_message_in_flight_travel_inline():
 def test_a_message_whose_answer_is_never_read_frees_the_file_once_its_call_is_done(ray_cluster):
     import ray
 
-    link = SharedLink(NODE, 0)
+    link = SharedLink(NODE, ROUTER, 0)
     assert link.send(rows(512)) is not None
     link.carried_by(ray.put(None))  # a call that is done, whose answer the router never read
     assert link.send(rows(512)) is not None
@@ -73,14 +83,14 @@ def test_a_message_whose_answer_is_never_read_frees_the_file_once_its_call_is_do
 
 
 def test_an_actor_that_cannot_map_the_file_refuses_and_the_router_stops_or_starts_afresh():
-    link = SharedLink(NODE, 0)
+    link = SharedLink(NODE, ROUTER, 0)
     message = link.send(rows(512))
     with pytest.raises(SharedMemoryOnAnotherNode):
         SharedFiles("node-b").tensor(message)
     link.failed(SharedMemoryOnAnotherNode("elsewhere"))
     assert link.send(rows(512)) is None  # that actor is on another node: inline from now on
 
-    link = SharedLink(NODE, 1)
+    link = SharedLink(NODE, ROUTER, 1)
     message = link.send(rows(512))
     link.failed()  # e.g. the call died: the file is unlinked; a restarted actor cannot map it
     with pytest.raises(SharedMemoryUnavailable):

@@ -73,8 +73,9 @@ class ObjectStoreTransport(ExpertTransport):
     def link(self, actor: int) -> SharedLink:
         """The shared-memory file for this actor's messages (made when first needed)."""
         if self._links is None:
-            node = ray.get_runtime_context().get_node_id()
-            self._links = [SharedLink(node, a) for a in range(len(self.actors))]
+            context = ray.get_runtime_context()
+            sender = context.get_actor_id() or context.get_worker_id()
+            self._links = [SharedLink(context.get_node_id(), sender, a) for a in range(len(self.actors))]
         return self._links[actor]
 
     def call(self, actor: int, method: str, around: tuple[tuple, tuple], message: Wire) -> ray.ObjectRef:
