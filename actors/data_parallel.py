@@ -1,4 +1,5 @@
-"""The routers as data-parallel ranks: one torch.distributed process group (gloo on CPU, NCCL on GPU).
+"""The routers as data-parallel ranks: one torch.distributed process group (NCCL between distinct
+GPUs, gloo on CPUs or where ranks share a GPU).
 
 Rank 0 picks the rendezvous address (`rendezvous_address`, on its node), and whoever builds the graph
 for training hands it to every rank (cluster/graph.py). The ranks then average their dense gradients
@@ -25,11 +26,17 @@ class DataParallelGroup:
     """This process's rank among the data-parallel ranks. A single rank needs no process group: then
     averaging and summing leave everything as it is."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, address: str | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        address: str | None = None,
+        device: torch.device | None = None,
+        backend: str = "gloo",
+    ):
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
         if world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=address, rank=rank, world_size=world_size)
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:

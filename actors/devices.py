@@ -5,12 +5,22 @@ code paths a CPU run exercises are the ones a GPU run takes."""
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Annotated, Literal
 
 import ray
 import torch
+from pydantic import Field
+
+# Autograd's GPU thread makes its first cuBLAS call in an expert actor's backward before it has made
+# the GPU's context current; PyTorch then makes it current itself, and warns that it did.
+warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
 
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
+GpusPerActor = Annotated[  # a config field: what each actor of a graph reserves
+    float | None,
+    Field(ge=0, description="GPUs per actor; 0 = CPU; None = the cluster's free GPUs shared out, up to 1 each"),
+]
 
 
 def actor_device() -> torch.device:
@@ -19,6 +29,13 @@ def actor_device() -> torch.device:
     if ray.get_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def on_distinct_gpus(described: list[dict]) -> bool:
+    """Whether every actor (its `ready()`: device, node_id, gpu_ids) computes on a GPU of its own, as
+    NCCL needs: actors given fractions of one GPU share it, and GPU ids repeat on every node."""
+    gpus = [(d["node_id"], tuple(d["gpu_ids"])) for d in described if d["device"].startswith("cuda")]
+    return len(gpus) == len(described) and len(set(gpus)) == len(gpus)
 
 
 def compute_dtype(name: ComputeDtype, device: torch.device) -> torch.dtype:

@@ -100,7 +100,8 @@ class RouterActor:
     async def ready(self) -> dict:
         node = ray.get_runtime_context().get_node_id()
         return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
+                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(),
+                "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:
@@ -250,10 +251,10 @@ class RouterActor:
         """Where the data-parallel group meets, on this router's node (asked of rank 0)."""
         return rendezvous_address(ray.util.get_node_ip_address())
 
-    async def init_data_parallel(self, rank: int, world_size: int, address: str) -> None:
+    async def init_data_parallel(self, rank: int, world_size: int, address: str, backend: str) -> None:
         """Join the routers' process group (every rank is called at once; this returns when all are in)."""
         def run() -> None:
-            self.data_parallel = DataParallelGroup(rank, world_size, address, self.device)
+            self.data_parallel = DataParallelGroup(rank, world_size, address, self.device, backend)
 
         await self._step(run)
 

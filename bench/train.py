@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         local_config = config.model_copy(update={"expert_actors": 0, "routers": 1})
         runs = [Run({"mode": "one_process", "torch_threads": threads, **common}, LocalTrainer(local_config, folder), threads)
                 for threads in sorted({1, cores})]  # fmt: skip
-        graph_config = config.model_copy(update={"expert_actors": args.expert_actors, "routers": args.routers})
+        graph_config = config.model_copy(  # on CPUs, as the one-process runs, also on a machine with GPUs
+            update={"expert_actors": args.expert_actors, "routers": args.routers, "gpus_per_actor": 0}
+        )
         graph = GraphTrainer(graph_config, folder, name="bench-train")
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor, **common}, graph, 1))  # fmt: skip

@@ -12,6 +12,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.devices import on_distinct_gpus
 from actors.expert import ExpertActor
 from actors.placement import Placement
 from actors.router import RouterActor
@@ -60,6 +61,12 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     return bool(getattr(node, "head", False))
 
 
+def fair_share(resource: str, actors: int, when_none: float) -> float:
+    """Each actor's equal part of what the cluster has free of a resource, up to 1 (in hundredths)."""
+    share = min(1.0, ray.available_resources().get(resource, when_none) / actors)
+    return math.floor(share * 100) / 100
+
+
 @dataclass
 class ActorGraph:
     spec: ClusterSpec
@@ -76,10 +83,11 @@ class ActorGraph:
         placement = Placement.contiguous(
             config.n_routed_experts, spec.expert_actors, config.moe_layers, config.n_group if config.group_limited else 1
         )
+        n_actors = spec.expert_actors + spec.routers
         if spec.cpus_per_actor is None:
-            n_actors = spec.expert_actors + spec.routers
-            cpus = min(1.0, ray.available_resources().get("CPU", 1.0) / n_actors)
-            spec = spec.model_copy(update={"cpus_per_actor": math.floor(cpus * 100) / 100})
+            spec = spec.model_copy(update={"cpus_per_actor": fair_share("CPU", n_actors, when_none=1.0)})
+        if spec.gpus_per_actor is None:
+            spec = spec.model_copy(update={"gpus_per_actor": fair_share("GPU", n_actors, when_none=0.0)})
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
             [bundle] * (spec.expert_actors + spec.routers),  # routers own a device too (dense weights, cache)
@@ -135,10 +143,12 @@ class ActorGraph:
 
     def init_data_parallel(self) -> None:
         """For training: join the routers into one torch.distributed group (the data-parallel ranks,
-        which average their dense gradients among themselves); rank 0 picks where they meet."""
+        which average their dense gradients among themselves); rank 0 picks where they meet. NCCL when
+        every router has a GPU of its own, gloo otherwise (on CPUs, or routers sharing a GPU)."""
         address = ray.get(self.routers[0].rendezvous_address.remote())
         world = len(self.routers)
-        ray.get([router.init_data_parallel.remote(rank, world, address) for rank, router in enumerate(self.routers)],
+        backend = "nccl" if on_distinct_gpus(ray.get([router.ready.remote() for router in self.routers])) else "gloo"
+        ray.get([router.init_data_parallel.remote(rank, world, address, backend) for rank, router in enumerate(self.routers)],
                 timeout=READY_TIMEOUT_S)  # fmt: skip
 
     @classmethod

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from actors.devices import ComputeDtype
+from actors.devices import ComputeDtype, GpusPerActor
 from actors.router import RouterSettings
 from actors.transports import TransportName, TransportSettings
 
@@ -19,7 +19,7 @@ class ClusterSpec(BaseModel):
     cpus_per_actor: float | None = Field(
         None, gt=0, description="logical CPUs each actor reserves; None = up to 1, shared fairly on small nodes"
     )
-    gpus_per_actor: float = Field(0.0, ge=0, description="devices per actor on a GPU cluster; 0 = CPU")
+    gpus_per_actor: GpusPerActor = 0.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
     )

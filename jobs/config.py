@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.devices import GpusPerActor
 from model.training import AdamWSettings
 
 from .data import ArithConfig, DataConfig
@@ -106,6 +107,7 @@ class RunConfig(BaseModel):
     routers: int = Field(1, ge=1)
     expert_actors: int = Field(2, ge=0)
     cpus_per_actor: float | None = Field(None, gt=0)
+    gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1)
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the driver (one-process training)")
     # Checkpoints, logs, export.

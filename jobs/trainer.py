@@ -261,6 +261,8 @@ class GraphTrainer(Trainer):
             routers=config.routers,
             expert_actors=config.expert_actors,
             cpus_per_actor=config.cpus_per_actor,
+            gpus_per_actor=config.gpus_per_actor,
+            dtype="float32",  # the weights an optimizer steps; config.dtype is the autocast dtype of the steps
             cpu_threads_per_actor=config.cpu_threads_per_actor,
             max_restarts=0,  # a restarted actor would have lost its optimizer state: fail the job instead
             max_task_retries=0,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
+from actors.devices import GpusPerActor
 from actors.transports import TransportName
 
 from engine.generation import (
@@ -57,6 +58,7 @@ class AppArgs(BaseModel):
     expert_actors: int = Field(2, ge=1)
     routers: int = Field(1, ge=1)
     cpus_per_actor: float | None = Field(None, gt=0)
+    gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1)
     transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
@@ -256,8 +258,8 @@ def _attach_graph(args: AppArgs, model_dir: Path):
             raise RuntimeError(f"no actor graph named {args.name!r} is running") from None
         spec = ClusterSpec(
             model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
-            cpus_per_actor=args.cpus_per_actor, cpu_threads_per_actor=args.cpu_threads_per_actor,
-            transport=args.transport, detached=True,
+            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+            cpu_threads_per_actor=args.cpu_threads_per_actor, transport=args.transport, detached=True,
         )
         graph, created = ActorGraph.create(spec), True
     if Path(graph.spec.model).resolve() != model_dir.resolve():

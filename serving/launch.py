@@ -69,6 +69,7 @@ def start(
     name: str = "moeray",
     served_model_name: str | None = None,
     cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
     engine: dict | None = None,
     ray_init: dict | None = None,
     quiet: bool = False,
@@ -88,7 +89,7 @@ def start(
     _on_termination_signals(_interrupt)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="moeray-graph") as pool:
-            graph = pool.submit(_find_or_create_graph, model_dir, name, expert_actors, routers, cpus_per_actor)
+            graph = pool.submit(_find_or_create_graph, model_dir, name, expert_actors, routers, cpus_per_actor, gpus_per_actor)
             try:
                 serve.start(
                     http_options={"host": host, "port": port},
@@ -127,13 +128,13 @@ def _init_ray(ray_init: dict | None, quiet: bool) -> bool:
 
 
 def _find_or_create_graph(model_dir: Path, name: str, expert_actors: int, routers: int,
-                          cpus_per_actor: float | None) -> tuple[ActorGraph, bool]:
+                          cpus_per_actor: float | None, gpus_per_actor: float | None) -> tuple[ActorGraph, bool]:
     """The running graph `name`, or a new detached one; and whether it was created here."""
     try:
         return ActorGraph.find(name), False
     except ValueError:
         spec = ClusterSpec(model=str(model_dir), name=name, expert_actors=expert_actors, routers=routers,
-                           cpus_per_actor=cpus_per_actor, detached=True)
+                           cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, detached=True)
         return ActorGraph.create(spec), True
 
 

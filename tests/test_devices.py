@@ -6,6 +6,7 @@ import pytest
 import ray
 import torch
 
+from actors.devices import on_distinct_gpus
 from actors.expert import ExpertActor
 from actors.wire import from_wire, to_wire
 from model import DeepseekV2Config, DeepseekV2ForCausalLM, LocalExperts
@@ -75,3 +76,14 @@ def test_the_gpu_check_exits_clearly_without_cuda():
     assert done.returncode == 3
     assert done.stderr.strip() == "bench.gpu: no CUDA device: this check needs a GPU machine"
     assert done.stdout == ""
+
+
+def test_nccl_only_between_actors_with_gpus_of_their_own():
+    def actor(node: str, gpus: list[int], device: str = "cuda:0") -> dict:
+        return {"node_id": node, "gpu_ids": gpus, "device": device}
+
+    assert on_distinct_gpus([actor("a", [0]), actor("a", [1])])
+    assert on_distinct_gpus([actor("a", [0]), actor("b", [0])])  # GPU ids repeat on every node
+    assert not on_distinct_gpus([actor("a", [0]), actor("a", [0])])  # fractions of one GPU
+    assert not on_distinct_gpus([actor("a", [0]), actor("b", [], "cpu")])
+    assert not on_distinct_gpus([actor("a", [0], "cpu"), actor("a", [1], "cpu")])  # GPUs Ray gave, no CUDA here
