@@ -10,8 +10,11 @@
    (TF32 off), where both implementations must agree exactly.
 2. A router and 2 expert actors sharing the one GPU (fractional GPUs) on both transports: the same
    greedy tokens as the CPU path in one process (fp32).
+3. Training on that GPU: one optimizer step of 2 routers (data-parallel ranks; gloo, since they share
+   the GPU) and 2 expert actors, given the GPU by the job's default (`gpus_per_actor` None), against
+   the same step in one process on the CPU (fp32): the loss and every weight after it.
 
-Prints JSON lines; exits 1 when any token comparison fails.
+Prints JSON lines; exits 1 when any comparison fails.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -31,6 +35,7 @@ from bench.args import positive_int
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
 
 NO_CUDA_STATUS = 3
+PARTS = ["decode", "graph", "train"]  # the numbered checks above, in order
 
 
 def emit(**fields) -> None:
@@ -138,10 +143,52 @@ def shared_gpu_graph(folder: str) -> bool:
     return equal
 
 
+def graph_training_step(folder: Path) -> bool:
+    import ray
+
+    from cluster.graph import NAMESPACE
+    from jobs.config import load_config
+    from jobs.data import TrainingData
+    from jobs.sft import write_init
+    from jobs.trainer import GraphTrainer, LocalTrainer
+    from model.checkpoint import load_tensors, tensor_files
+    from model.tokenizer import ChatTokenizer
+
+    smoke = Path(__file__).parents[1] / "jobs/configs/smoke.yaml"
+    config = load_config(smoke, [f"run_dir={folder / 'run'}", "routers=2", "moe.capacity_factor=null"])
+    init = write_init(config, folder / "init")
+    rows = TrainingData(config.data, ChatTokenizer.from_pretrained(init), config.seq_len, config.seed)
+    input_ids, labels, _ = next(rows.batches(config.batch_size))
+    saved = {side: folder / side for side in ("cpu", "gpu")}
+    for directory in saved.values():
+        directory.mkdir(parents=True)
+    local = LocalTrainer(config, init)
+    losses = {"cpu": local.step(0, input_ids, labels, 3e-3)["loss"]}
+    local.save(saved["cpu"])
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, namespace=NAMESPACE)
+    try:
+        trainer = GraphTrainer(config, init, name="gpu-train")
+        try:
+            devices = sorted({ray.get(a.ready.remote())["device"] for a in [*trainer.routers, *trainer.experts]})
+            losses["gpu"] = trainer.step(0, input_ids, labels, 3e-3)["loss"]
+            trainer.save(saved["gpu"])
+        finally:
+            trainer.close()
+    finally:
+        ray.shutdown()
+    cpu, gpu = (load_tensors(directory, tensor_files(directory)) for directory in saved.values())
+    weight_diff = max(float((cpu[name] - gpu[name].cpu()).abs().max()) for name in cpu)
+    same = set(cpu) == set(gpu) and abs(losses["cpu"] - losses["gpu"]) < 1e-4 and weight_diff < 1e-4
+    emit(kind="graph_training_step", devices=devices, routers=2, expert_actors=2, loss_cpu=losses["cpu"],
+         loss_gpu=losses["gpu"], max_weight_diff=weight_diff, equal_to_1e_4=same)  # fmt: skip
+    return same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers of the V2-Lite-shaped model")
     parser.add_argument("--new-tokens", type=positive_int, default=128)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which checks to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA device: this check needs a GPU machine", file=sys.stderr)
@@ -150,14 +197,18 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda", 0)
     emit(kind="context", gpu=torch.cuda.get_device_name(device), torch=torch.__version__, layers=args.layers)
-    with tempfile.TemporaryDirectory(prefix="moeray-bench-gpu-") as folder, \
-            tempfile.TemporaryDirectory(prefix="moeray-bench-gpu-tiny-") as tiny:  # fmt: skip
-        config = DeepseekV2Config.preset("v2-lite", num_hidden_layers=args.layers)
-        DeepseekV2ForCausalLM(config.model_copy(update={"initializer_range": 0.02})).init_weights(0).save_pretrained(folder)
-        equal = one_process(folder, config, args.new_tokens, device)
-        tiny_config = DeepseekV2Config.preset("tiny", initializer_range=0.1)
-        DeepseekV2ForCausalLM(tiny_config).init_weights(seed=11).save_pretrained(tiny)
-        equal &= shared_gpu_graph(tiny)
+    equal = True
+    with tempfile.TemporaryDirectory(prefix="moeray-bench-gpu-") as scratch:
+        if "decode" in args.parts:
+            folder, config = f"{scratch}/v2-lite", DeepseekV2Config.preset("v2-lite", num_hidden_layers=args.layers)
+            DeepseekV2ForCausalLM(config.model_copy(update={"initializer_range": 0.02})).init_weights(0).save_pretrained(folder)
+            equal &= one_process(folder, config, args.new_tokens, device)
+        if "graph" in args.parts:
+            tiny = f"{scratch}/tiny"
+            DeepseekV2ForCausalLM(DeepseekV2Config.preset("tiny", initializer_range=0.1)).init_weights(seed=11).save_pretrained(tiny)
+            equal &= shared_gpu_graph(tiny)
+        if "train" in args.parts:
+            equal &= graph_training_step(Path(scratch) / "train")
     return 0 if equal else 1
 
 
