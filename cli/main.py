@@ -119,8 +119,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.expert_actors < 1 or args.routers < 1:
         raise CliError("--expert-actors and --routers must be at least 1")
+    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
+        raise CliError("--gpus-per-actor must be at least 0")
     serve_forever(_model_dir(args.model), args.expert_actors, args.routers, args.host, args.port, args.grpc_port,
-                  args.api_key or [], args.name, args.served_model_name)
+                  args.api_key or [], args.name, args.served_model_name, args.gpus_per_actor)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", required=True)
     srv.add_argument("--expert-actors", type=int, default=2)
     srv.add_argument("--routers", type=int, default=1)
+    srv.add_argument("--gpus-per-actor", type=float, default=None,
+                     help="0 = CPU; default: the cluster's free GPUs shared out over the graph's actors, up to 1 each")
     srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)

@@ -96,9 +96,9 @@ def quickstart(model_dir: Path | None = None, expert_actors: int = 2, max_tokens
     actors = f"{expert_actors} expert actor{'s' if expert_actors != 1 else ''}"
     _say(f"moeray quickstart: {shown} on {actors} + 1 router, Ray Serve in front (embedded Ray)")
     _say(demo.about)
-    running = start(
+    running = start(  # on CPUs also where there are GPUs: the answers it checks are the fp32 model's
         model_dir, expert_actors=expert_actors, port=free_port(), grpc_port=free_port(), api_keys=[api_key],
-        name=f"quickstart-{os.getpid()}", ray_init={"include_dashboard": False}, quiet=True,
+        name=f"quickstart-{os.getpid()}", gpus_per_actor=0, ray_init={"include_dashboard": False}, quiet=True,
     )
     answers = Answers()
     try:

@@ -175,7 +175,7 @@ def stop(running: Running) -> None:
 
 # ---- moeray serve -------------------------------------------------------------------------------
 def serve_forever(model_dir: Path, expert_actors: int, routers: int, host: str, port: int, grpc_port: int,
-                  api_keys: list[str], name: str, served_model_name: str | None) -> None:
+                  api_keys: list[str], name: str, served_model_name: str | None, gpus_per_actor: float | None = None) -> None:
     from .keys import API_KEYS_ENV
 
     generated = None
@@ -185,7 +185,8 @@ def serve_forever(model_dir: Path, expert_actors: int, routers: int, host: str, 
     print(f"moeray: starting {model_dir} on {expert_actors} expert actors ...", flush=True)
     try:
         running = start(model_dir, expert_actors=expert_actors, routers=routers, host=host, port=port,
-                        grpc_port=grpc_port, api_keys=api_keys, name=name, served_model_name=served_model_name)
+                        grpc_port=grpc_port, api_keys=api_keys, name=name, served_model_name=served_model_name,
+                        gpus_per_actor=gpus_per_actor)
     except KeyboardInterrupt:  # start took down what it had brought up
         print("\nmoeray: stopped while starting", flush=True)
         return

@@ -113,6 +113,8 @@ MISTAKES = {
     "generate, bad value": (["cli", "generate", "--model", "checkpoints/arith-tiny", "--prompt", "hi",
                              "--max-tokens", "0"], "--max-tokens"),
     "serve, no model folder": (["cli", "serve", "--model", MISSING], MISSING),
+    "serve, negative GPUs": (["cli", "serve", "--model", "checkpoints/arith-tiny", "--gpus-per-actor", "-1"],
+                             "--gpus-per-actor"),
     "init, unwritable folder": (["cli", "init", "--out", "/proc/moeray-model"], "/proc/moeray-model"),
     "train sft, no config file": (["cli", "train", "sft", "--config", "/nonexistent/sft.yaml"], "/nonexistent/sft.yaml"),
     "k8s render, unknown overlay": (["cli", "k8s", "render", "--overlay", "nope"], "nope"),
