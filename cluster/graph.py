@@ -61,9 +61,19 @@ def ensure_ray(**init_kwargs: Any) -> bool:
     return bool(getattr(node, "head", False))
 
 
-def fair_share(resource: str, actors: int, when_none: float) -> float:
-    """Each actor's equal part of what the cluster has free of a resource, up to 1 (in hundredths)."""
-    share = min(1.0, ray.available_resources().get(resource, when_none) / actors)
+def cpu_share(actors: int) -> float:
+    """Each actor's equal part of the cluster's free CPUs, up to 1 (in hundredths)."""
+    share = min(1.0, ray.available_resources().get("CPU", 1.0) / actors)
+    return math.floor(share * 100) / 100
+
+
+def gpu_share(actors: int) -> float:
+    """Each actor's part of the cluster's free GPUs, up to 1 (in hundredths): 1/k of a GPU for k actors
+    per whole free GPU, so that the bundles fit however the GPUs are spread over nodes (an equal split
+    of the total would not: 3 actors at 0.66 fit two one-GPU nodes only twice); under one free GPU, an
+    equal split of it."""
+    free = ray.available_resources().get("GPU", 0.0)
+    share = 1 / math.ceil(actors / math.floor(free)) if free >= 1 else free / actors
     return math.floor(share * 100) / 100
 
 
@@ -85,9 +95,9 @@ class ActorGraph:
         )
         n_actors = spec.expert_actors + spec.routers
         if spec.cpus_per_actor is None:
-            spec = spec.model_copy(update={"cpus_per_actor": fair_share("CPU", n_actors, when_none=1.0)})
+            spec = spec.model_copy(update={"cpus_per_actor": cpu_share(n_actors)})
         if spec.gpus_per_actor is None:
-            spec = spec.model_copy(update={"gpus_per_actor": fair_share("GPU", n_actors, when_none=0.0)})
+            spec = spec.model_copy(update={"gpus_per_actor": gpu_share(n_actors)})
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
             [bundle] * (spec.expert_actors + spec.routers),  # routers own a device too (dense weights, cache)

@@ -151,6 +151,25 @@ def training_after_node_loss(cluster: Cluster, workers: list, run_root: Path) ->
     }
 
 
+def gpus_shared_over_nodes(cluster: Cluster, model_dir: str) -> dict:
+    """Two nodes with one GPU each (Ray's resource only: no CUDA here) and a graph of 3 actors that asks
+    for the default share: every actor must find a place on a GPU."""
+    gpu_nodes = [cluster.add_node(num_cpus=WORKER_CPUS, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    spec = ClusterSpec(model=model_dir, name="multinode-gpus", expert_actors=2, gpus_per_actor=None)
+    try:
+        graph = ActorGraph.create(spec)
+    except Exception as error:  # a placement group that can never be placed times out
+        return {"created": False, "error": f"{type(error).__name__}: {error}"[:300]}
+    try:
+        described = ray.get([actor.ready.remote() for actor in [*graph.routers, *graph.experts]])
+        gpu_node_ids = {node.node_id for node in gpu_nodes}
+        return {"created": True, "gpus_per_actor": graph.spec.gpus_per_actor,
+                "actors_with_a_gpu": sum(bool(d["gpu_ids"]) and d["node_id"] in gpu_node_ids for d in described)}
+    finally:
+        graph.teardown()
+
+
 def main() -> None:
     model_dir, run_root = sys.argv[1], Path(sys.argv[2])
     expected = DeepseekV2ForCausalLM.from_pretrained(model_dir).generate(PROMPTS, NEW_TOKENS)
@@ -159,6 +178,7 @@ def main() -> None:
         report = {"spread": tokens_across_nodes(model_dir, expected)}
         report["node_loss"] = node_loss(cluster, workers, model_dir, expected)
         report["training_node_loss"] = training_after_node_loss(cluster, workers, run_root)
+        report["gpus"] = gpus_shared_over_nodes(cluster, model_dir)
     finally:
         ray.shutdown()
         cluster.shutdown()

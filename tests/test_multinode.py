@@ -53,3 +53,11 @@ def test_training_resumes_from_its_newest_checkpoint_after_losing_a_node(report)
     assert loss["steps"] == 60 and loss["losses_equal"]
     print(f"training with a node lost finished {loss['finished_s_after_the_loss']} s after the loss "
           f"(an undisturbed run trains for {loss['undisturbed_run_s']} s)")
+
+
+@pytest.mark.timeout(600)
+def test_the_default_gpu_share_fits_gpus_spread_over_nodes(report):
+    gpus = report["gpus"]
+    assert gpus["created"], gpus
+    assert gpus["gpus_per_actor"] == 0.5  # 3 actors on 2 one-GPU nodes: 2 per GPU, not 2/3 of one each
+    assert gpus["actors_with_a_gpu"] == 3
