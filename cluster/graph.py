@@ -100,7 +100,7 @@ class ActorGraph:
             spec = spec.model_copy(update={"gpus_per_actor": gpu_share(n_actors)})
         bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         group = placement_group(
-            [bundle] * (spec.expert_actors + spec.routers),  # routers own a device too (dense weights, cache)
+            [bundle] * n_actors,  # routers own a device too (dense weights, cache)
             strategy=spec.placement_strategy,
             name=f"{spec.name}-graph",
             lifetime="detached" if spec.detached else None,
