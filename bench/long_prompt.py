@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the bench's own cluster: chosen, not Ray's warning
+
 import torch
 
 from bench.args import positive_int
@@ -130,7 +132,6 @@ def run_engine(tokens: int, chunk: int) -> dict:
             await engine.shutdown()
             graph.teardown()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a bench's own cluster: chosen, not Ray's warning
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE)
     try:
         return asyncio.run(prefill())

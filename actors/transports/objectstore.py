@@ -91,10 +91,11 @@ class ObjectStoreTransport(ExpertTransport):
     def _send(self, calls: dict[int, tuple[str, tuple[tuple, tuple], Tensor]]) -> _Calls:
         started = {}
         for actor, (method, around, tensor) in calls.items():
-            shared = self.link(actor).send(tensor)
+            link = self.link(actor)
+            shared = link.send(tensor)
             ref = self.call(actor, method, around, to_wire(tensor) if shared is None else shared)
             if shared is not None:
-                self.link(actor).carried_by(ref)
+                link.carried_by(ref)
             self.sent["inline" if shared is None else "shared_memory"] += 1
             started[actor] = _Call(method, around, tensor, shared is not None, ref)
         return _Calls(self, started)
