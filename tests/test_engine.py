@@ -131,7 +131,9 @@ def test_forty_sessions_on_a_ten_session_budget_offload_and_restore(graph, refer
     block_bytes = BLOCK * LatentCache.bytes_per_token(CONFIG_B)
 
     async def body(engine):
-        prompts = {s: [(s * 5 + j) % 120 + 1 for j in range(24)] for s in range(40)}
+        # A first token of its own per session: sessions that shared prefix blocks would let more than
+        # `resident` of them stay in the pool, and how many did would depend on the order they ran in.
+        prompts = {s: [s + 1] + [(s * 5 + j) % 120 + 1 for j in range(23)] for s in range(40)}
 
         async def conversation(s):
             first, _ = await complete(engine, f"{s}-1", prompts[s], 4, sampling=GREEDY, owner="k", session_id=f"s{s}")
