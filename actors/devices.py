@@ -31,9 +31,15 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
+def where_this_computes(device: torch.device) -> dict:
+    """This process's node, device and the GPU ids Ray gave it: what `on_distinct_gpus` compares (the
+    actors' `ready()` answers include it)."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "device": str(device), "gpu_ids": ray.get_gpu_ids()}
+
+
 def on_distinct_gpus(described: list[dict]) -> bool:
-    """Whether every actor (its `ready()`: device, node_id, gpu_ids) computes on a GPU of its own, as
-    NCCL needs: actors given fractions of one GPU share it, and GPU ids repeat on every node."""
+    """Whether every actor (`where_this_computes`) computes on a GPU of its own, as NCCL needs: actors
+    given fractions of one GPU share it, and GPU ids repeat on every node."""
     gpus = [(d["node_id"], tuple(d["gpu_ids"])) for d in described if d["device"].startswith("cuda")]
     return len(gpus) == len(described) and len(set(gpus)) == len(gpus)
 

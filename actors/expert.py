@@ -18,7 +18,7 @@ from model.checkpoint import write_shard
 from model.moe import make_experts
 from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast, grad_sq_norm, gradients, zero_grads
 
-from .devices import ComputeDtype, actor_device, compute_dtype
+from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .shared_memory import SharedFiles, SharedTensor
 from .wire import Wire, WireTensor, from_wire, to_wire
 
@@ -45,9 +45,8 @@ class ExpertActor:
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
 
     def ready(self) -> dict:
-        node = ray.get_runtime_context().get_node_id()
-        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(), "experts": self.held(),
+        return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
     def held(self) -> dict[int, list[int]]:

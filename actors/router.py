@@ -37,7 +37,7 @@ from model.training import (
 )
 
 from .data_parallel import DataParallelGroup, rendezvous_address
-from .devices import ComputeDtype, actor_device, compute_dtype
+from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .load_stats import LoadStats
 from .placement import Placement
 from .sequences import CacheNotAllocated, CacheShape, SequenceTable, StepRequest
@@ -98,10 +98,8 @@ class RouterActor:
 
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
-        node = ray.get_runtime_context().get_node_id()
-        return {"index": self.index, "pid": os.getpid(), "node_id": node, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "gpu_ids": ray.get_gpu_ids(),
-                "transport": self.transport_name}  # fmt: skip
+        return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:

@@ -14,7 +14,7 @@ import time
 import ray
 import torch
 
-from ..devices import on_distinct_gpus
+from ..devices import on_distinct_gpus, where_this_computes
 from ..wire import from_wire, to_wire
 from .base import ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
 
@@ -87,9 +87,7 @@ class CompiledGraphTransport(ExpertTransport):
         1 actor at batch 1 took 0.55 ms with tensors, 0.17 ms with numpy on a 2-core machine)."""
         if self.device.type != "cuda":
             return False
-        router = {"device": str(self.device), "node_id": ray.get_runtime_context().get_node_id(),
-                  "gpu_ids": ray.get_gpu_ids()}  # fmt: skip
-        described = [router, *ray.get([actor.ready.remote() for actor in self.actors])]
+        described = [where_this_computes(self.device), *ray.get([actor.ready.remote() for actor in self.actors])]
         if on_distinct_gpus(described):
             return True
         logger.info("compiled graph: actors share a GPU, so tensors travel through host shared memory")
