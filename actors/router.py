@@ -36,7 +36,7 @@ from model.training import (
     next_token_backward,
 )
 
-from .data_parallel import DataParallelGroup, rendezvous_address
+from .data_parallel import DataParallelGroup, GradientAverager, rendezvous_address
 from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .load_stats import LoadStats
 from .placement import Placement
@@ -85,6 +85,7 @@ class RouterActor:
         self.cache: LatentCache | None = None
         self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool
         self.dense_optimizer: NamedAdamW | None = None  # set by configure_training
+        self.averager: GradientAverager | None = None  # of the dense gradients over the ranks; with the optimizer
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
@@ -253,6 +254,8 @@ class RouterActor:
         """Join the routers' process group (every rank is called at once; this returns when all are in)."""
         def run() -> None:
             self.data_parallel = DataParallelGroup(rank, world_size, address, self.device, backend)
+            if self.dense_optimizer is not None:
+                self.averager = GradientAverager(self.data_parallel, list(self.dense_optimizer.params.values()))
 
         await self._step(run)
 
@@ -261,6 +264,7 @@ class RouterActor:
 
         def run() -> None:
             self.dense_optimizer = NamedAdamW(dense_parameters(self.model), optimizer)
+            self.averager = GradientAverager(self.data_parallel, list(self.dense_optimizer.params.values()))
             self.train_dtype = dtype
 
         await self._step(run)
@@ -274,7 +278,8 @@ class RouterActor:
         def run() -> StepParts:
             input_ids_, labels_ = input_ids.to(self.device), labels.to(self.device)
             self.experts.time_spent.take()  # from here on: this step's traffic only
-            parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
+            with self.averager.overlapping():
+                parts = next_token_backward(self.model, input_ids_, labels_, ce_weight, seed, self.train_dtype)
             update_started = time.perf_counter()
             grad_norm = self._update(update)
             seconds = {**parts.seconds, **self.experts.time_spent.take(), "update": time.perf_counter() - update_started}
@@ -283,13 +288,13 @@ class RouterActor:
         return await self._step(run)
 
     def _update(self, update: OptimizerUpdate) -> float:
-        """The optimizer step that follows every rank's backward, whatever the loss: average the dense
-        gradients over the ranks (the all-reduce is also the barrier after which every rank's expert
-        backward is done), take the global norm (dense + every expert actor's: their gradients are the
-        sum over ranks, hence / ranks²), then step the dense AdamW here and this rank's share of the
+        """The optimizer step that follows every rank's backward, whatever the loss: wait for the dense
+        gradients' average over the ranks (started during backward; its last all-reduce is also the
+        barrier after which every rank's expert backward is done), take the global norm (dense + every
+        expert actor's: their gradients are the sum over ranks, hence / ranks²), then step the dense AdamW here and this rank's share of the
         expert actors with the same clip scale (theirs / ranks: the mean over ranks). Returns the norm."""
         dense, group = self.dense_optimizer, self.data_parallel
-        group.average_gradients(list(dense.params.values()))
+        self.averager.wait()
         experts = group.share(self.expert_actors)
         expert_norms = [actor.grad_sq_norm.remote() for actor in experts]
         dense_sq = dense.grad_sq_norm()
@@ -326,7 +331,8 @@ class RouterActor:
         objective's parts, with the global gradient norm."""
 
         def run() -> PolicyParts:
-            parts = policy_backward(self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype)
+            with self.averager.overlapping():
+                parts = policy_backward(self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype)
             return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)
