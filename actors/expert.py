@@ -33,6 +33,7 @@ class ExpertActor:
     ):  # fmt: skip
         """`device`: where the experts live; by default the device Ray gave this actor."""
         torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
         self.index = index
         self.model_dir = model_dir
         self.device = device or actor_device()
@@ -46,7 +47,7 @@ class ExpertActor:
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "experts": self.held(),
+                "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads, "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
     def held(self) -> dict[int, list[int]]:

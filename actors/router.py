@@ -100,7 +100,8 @@ class RouterActor:
     # ---- health and introspection -----------------------------------------------------------------
     async def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "transport": self.transport_name}  # fmt: skip
+                "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.settings.cpu_threads,
+                "transport": self.transport_name}  # fmt: skip
 
     @property
     def transport_name(self) -> str:

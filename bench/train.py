@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         graph = GraphTrainer(graph_config, folder, name="bench-train")
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
-                         "cpu_threads_per_actor": graph_config.cpu_threads_per_actor, **common}, graph, 1))  # fmt: skip
+                         "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
+                         "router_cpu_threads": graph_config.router_cpu_threads or graph_config.cpu_threads_per_actor, **common}, graph, 1))  # fmt: skip
         try:
             for run in runs:
                 run.steps(batches, args.warmup, lr, timed=False)

@@ -24,6 +24,10 @@ class ClusterSpec(BaseModel):
         "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
     )
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
+    router_cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads of each router on CPU (it does all the dense work: on a node with "
+        "cores the expert actors leave idle, give it more); None = cpu_threads_per_actor",
+    )
     dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
@@ -44,7 +48,7 @@ class ClusterSpec(BaseModel):
         return RouterSettings(
             transport=self.transport,
             transport_settings=TransportSettings(timeout_s=self.compiled_timeout_s),
-            cpu_threads=self.cpu_threads_per_actor,
+            cpu_threads=self.router_cpu_threads or self.cpu_threads_per_actor,
             dtype=self.dtype,
             extra_copies=self.extra_copies,
         )

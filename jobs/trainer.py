@@ -264,6 +264,7 @@ class GraphTrainer(Trainer):
             gpus_per_actor=config.gpus_per_actor,
             dtype="float32",  # the weights an optimizer steps; config.dtype is the autocast dtype of the steps
             cpu_threads_per_actor=config.cpu_threads_per_actor,
+            router_cpu_threads=config.router_cpu_threads,
             max_restarts=0,  # a restarted actor would have lost its optimizer state: fail the job instead
             max_task_retries=0,
         )

@@ -60,6 +60,7 @@ class AppArgs(BaseModel):
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1)
+    router_cpu_threads: int | None = Field(None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor")
     transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
@@ -259,7 +260,8 @@ def _attach_graph(args: AppArgs, model_dir: Path):
         spec = ClusterSpec(
             model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-            cpu_threads_per_actor=args.cpu_threads_per_actor, transport=args.transport, detached=True,
+            cpu_threads_per_actor=args.cpu_threads_per_actor, router_cpu_threads=args.router_cpu_threads,
+            transport=args.transport, detached=True,
         )
         graph, created = ActorGraph.create(spec), True
     if Path(graph.spec.model).resolve() != model_dir.resolve():

@@ -37,13 +37,17 @@ def generate(graph: ActorGraph, prompts=PROMPTS) -> list[list[int]]:
     return ray.get(graph.routers[0].generate.remote(prompts, NEW_TOKENS))
 
 
-@pytest.mark.parametrize("config_name, expert_actors", [("A", 2), ("B", 1), ("B", 2), ("B", 4)])
-def test_same_greedy_tokens_for_every_actor_count_and_transport(ray_cluster, tiny_checkpoints, config_name, expert_actors):
+@pytest.mark.parametrize("config_name, expert_actors, router_threads", [("A", 2, None), ("B", 1, None), ("B", 2, 2), ("B", 4, None)])
+def test_same_greedy_tokens_for_every_actor_count_and_transport(
+    ray_cluster, tiny_checkpoints, config_name, expert_actors, router_threads
+):
     folder = tiny_checkpoints[config_name]
     expected = reference_tokens(folder)
-    graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors)
+    graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors, router_cpu_threads=router_threads)
     try:
         router = graph.routers[0]
+        threads = [ray.get(actor.ready.remote())["torch_threads"] for actor in [router, *graph.experts]]
+        assert threads == [router_threads or 1] + [1] * expert_actors
         assert generate(graph) == expected
         assert ray.get(router.set_transport.remote("compiled")) == "compiled"
         assert generate(graph) == expected

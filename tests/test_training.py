@@ -149,6 +149,9 @@ def test_config_overrides_and_validation():
         load_config(SMOKE, ["batch_size=7", "routers=2"])
     with pytest.raises(ValueError):
         load_config(SMOKE, ["no_such_key=1"])
+    assert load_config(SMOKE, ["router_cpu_threads=2"]).router_cpu_threads == 2
+    with pytest.raises(ValueError):
+        load_config(SMOKE, ["router_cpu_threads=0"])
 
 
 def test_rng_states_are_saved_as_tensors_and_restore_the_same_draws(tmp_path):
