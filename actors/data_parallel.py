@@ -18,7 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 
-BUCKET_BYTES = 1 << 20  # DDP's first bucket; small enough that a small model's backward overlaps its reduction
+# DDP's bucket sizes: a small first bucket, so that reducing starts early in backward, then larger ones,
+# so that a large model is not reduced in thousands of small collectives.
+FIRST_BUCKET_BYTES = 1 << 20
+BUCKET_BYTES = 25 << 20
 
 
 def rendezvous_address(host: str) -> str:
@@ -61,20 +64,28 @@ class DataParallelGroup:
 class GradientAverager:
     """Each parameter's gradient -> its mean over the ranks, reduced while backward runs (DDP's scheme).
 
-    The parameters are cut into buckets of about `bucket_bytes`, in the reverse of their order (the
-    order in which backward produces their gradients). Within `overlapping()`, a bucket's all-reduce
+    The parameters are cut into buckets (the first of about `first_bucket_bytes`, the others of about
+    `bucket_bytes`), in the reverse of their order (the order in which backward produces their
+    gradients). Within `overlapping()`, a bucket's all-reduce
     starts as soon as backward has accumulated its last gradient; buckets start in the same order on
     every rank, since the ranks' collectives must match. `wait()` starts the buckets still missing a
     gradient (a parameter without one contributes zeros, as in DDP, so every rank reduces the same
     buffers), waits for all of them and makes each averaged slice the parameter's gradient (no copy
     back). A single rank has nothing to average: then both do nothing."""
 
-    def __init__(self, group: DataParallelGroup, params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES):
+    def __init__(
+        self,
+        group: DataParallelGroup,
+        params: list[nn.Parameter],
+        first_bucket_bytes: int = FIRST_BUCKET_BYTES,
+        bucket_bytes: int = BUCKET_BYTES,
+    ):
         self.group = group
         self.buckets: list[list[nn.Parameter]] = []
-        size = bucket_bytes
+        size, cap = 0, 0  # an empty bucket of no room: the first parameter opens the first bucket
         for param in reversed(params) if group.world_size > 1 else []:
-            if size + param.numel() * param.element_size() > bucket_bytes:
+            if size + param.numel() * param.element_size() > cap:
+                cap = bucket_bytes if self.buckets else first_bucket_bytes
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(param)
