@@ -122,15 +122,16 @@ def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int)
 
 # ---- decode ----------------------------------------------------------------------------------------
 def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vocab: int) -> dict:
-    """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate, then times
-    generate(prompts, N). One-token prompts: the "prefill" is a decode-shaped step too, so every one of the
+    """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate as long as
+    the timed one (a freshly compiled graph, rebuilt by each repeat's setup, runs its first ~50 executions
+    about 1.4x slower; a served graph stays compiled), then times generate(prompts, N). One-token prompts: the "prefill" is a decode-shaped step too, so every one of the
     N forwards is a decode step (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
     prompts = torch.randint(3, vocab, (batch, 1), generator=torch.Generator().manual_seed(batch)).tolist()
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (setup, generate) in runs.items():
             setup()
-            generate(prompts, 2)
+            generate(prompts, new_tokens)
             start = time.perf_counter()
             generate(prompts, new_tokens)
             times[name].append(time.perf_counter() - start)
@@ -147,7 +148,7 @@ def main() -> None:
     actors = args.actors
     batches = [1, 8] if args.quick else [1, 64]
     warmup, iters = (5, 40) if args.quick else (20, 200)
-    new_tokens, repeats = (8, 2) if args.quick else (24, 3)
+    new_tokens, repeats = 24, 5  # a median of 5: one slow repeat does not decide it
     emit(kind="context", cores=os.cpu_count(), torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(),
          torch=torch.__version__, ray=ray.__version__, quick=args.quick)  # fmt: skip
     config = DeepseekV2Config.preset("tiny", **OVERRIDES)
