@@ -18,9 +18,9 @@ from model.training import IGNORE_INDEX
 from .training_helpers import init_folder, smoke_config
 
 
-def grpo_config(folder: Path, *, beta: float = 0.1) -> GRPOConfig:
+def grpo_config(folder: Path, *, beta: float = 0.1, routers: int = 1) -> GRPOConfig:
     return GRPOConfig.model_validate({
-        "model": {"init": str(folder)}, "expert_actors": 2, "grad_clip": 0.5,
+        "model": {"init": str(folder)}, "routers": routers, "expert_actors": 2, "grad_clip": 0.5,
         "grpo": {"clip_eps": 0.2, "beta": beta}, "group_size": 4, "progress": False,
     })
 
@@ -68,11 +68,12 @@ def two_updates(policy, batch: PolicyBatch) -> list[dict]:
 
 @pytest.mark.timeout(400)
 def test_a_grpo_step_on_the_actor_graph_equals_one_process(ray_cluster, tmp_path):
+    """2 routers: each rank's gradients reach the others through the overlapped all-reduce."""
     folder = init_folder(smoke_config(tmp_path, "moe.capacity_factor=null"), tmp_path / "init")
-    config = grpo_config(folder)
+    config = grpo_config(folder, routers=2)
     batch = fixed_batch(folder)
 
-    local = LocalPolicy(LocalTrainer(config, folder), config.grpo)
+    local = LocalPolicy(LocalTrainer(config.model_copy(update={"routers": 1}), folder), config.grpo)
     expected = two_updates(local, batch)
     trainer = GraphTrainer(config, folder, name="grpo-equivalence")
     try:
