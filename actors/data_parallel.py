@@ -66,12 +66,12 @@ class GradientAverager:
 
     The parameters are cut into buckets (the first of about `first_bucket_bytes`, the others of about
     `bucket_bytes`), in the reverse of their order (the order in which backward produces their
-    gradients). Within `overlapping()`, a bucket's all-reduce
-    starts as soon as backward has accumulated its last gradient; buckets start in the same order on
-    every rank, since the ranks' collectives must match. `wait()` starts the buckets still missing a
-    gradient (a parameter without one contributes zeros, as in DDP, so every rank reduces the same
-    buffers), waits for all of them and makes each averaged slice the parameter's gradient (no copy
-    back). A single rank has nothing to average: then both do nothing."""
+    gradients). Within `overlapping()`, a bucket's all-reduce starts as soon as backward has
+    accumulated its last gradient; buckets start in the same order on every rank, since the ranks'
+    collectives must match. `wait()` starts the buckets still missing a gradient (a parameter without
+    one contributes zeros, as in DDP, so every rank reduces the same buffers), waits for all of them
+    and makes each averaged slice the parameter's gradient (no copy back). A single rank has nothing to
+    average: then both do nothing."""
 
     def __init__(
         self,

@@ -47,7 +47,8 @@ class ExpertActor:
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads, "experts": self.held(),
+                "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
+                "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
     def held(self) -> dict[int, list[int]]:

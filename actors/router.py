@@ -256,7 +256,7 @@ class RouterActor:
         def run() -> None:
             self.data_parallel = DataParallelGroup(rank, world_size, address, self.device, backend)
             if self.dense_optimizer is not None:
-                self.averager = GradientAverager(self.data_parallel, list(self.dense_optimizer.params.values()))
+                self._average_over_ranks()
 
         await self._step(run)
 
@@ -265,10 +265,14 @@ class RouterActor:
 
         def run() -> None:
             self.dense_optimizer = NamedAdamW(dense_parameters(self.model), optimizer)
-            self.averager = GradientAverager(self.data_parallel, list(self.dense_optimizer.params.values()))
+            self._average_over_ranks()
             self.train_dtype = dtype
 
         await self._step(run)
+
+    def _average_over_ranks(self) -> None:
+        """The dense gradients' averaging over this rank's group (made again if the group comes later)."""
+        self.averager = GradientAverager(self.data_parallel, list(self.dense_optimizer.params.values()))
 
     async def train_step(
         self, input_ids: Tensor, labels: Tensor, ce_weight: float, seed: int, update: OptimizerUpdate
@@ -292,8 +296,9 @@ class RouterActor:
         """The optimizer step that follows every rank's backward, whatever the loss: wait for the dense
         gradients' average over the ranks (started during backward; its last all-reduce is also the
         barrier after which every rank's expert backward is done), take the global norm (dense + every
-        expert actor's: their gradients are the sum over ranks, hence / ranks²), then step the dense AdamW here and this rank's share of the
-        expert actors with the same clip scale (theirs / ranks: the mean over ranks). Returns the norm."""
+        expert actor's: their gradients are the sum over ranks, hence / ranks²), then step the dense
+        AdamW here and this rank's share of the expert actors with the same clip scale (theirs / ranks:
+        the mean over ranks). Returns the norm."""
         dense, group = self.dense_optimizer, self.data_parallel
         self.averager.wait()
         experts = group.share(self.expert_actors)
@@ -333,7 +338,9 @@ class RouterActor:
 
         def run() -> PolicyParts:
             with self.averager.overlapping():
-                parts = policy_backward(self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype)
+                parts = policy_backward(
+                    self.model, batch.to(self.device), settings, output_weight, seed, self.train_dtype
+                )
             return parts.model_copy(update={"grad_norm": self._update(update)})
 
         return await self._step(run)

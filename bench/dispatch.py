@@ -124,7 +124,8 @@ def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int)
 def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vocab: int) -> dict:
     """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate as long as
     the timed one (a freshly compiled graph, rebuilt by each repeat's setup, runs its first ~50 executions
-    about 1.4x slower; a served graph stays compiled), then times generate(prompts, N). One-token prompts: the "prefill" is a decode-shaped step too, so every one of the
+    about 1.4x slower; a served graph stays compiled), then times generate(prompts, N). One-token
+    prompts: the "prefill" is a decode-shaped step too, so every one of the
     N forwards is a decode step (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
     prompts = torch.randint(3, vocab, (batch, 1), generator=torch.Generator().manual_seed(batch)).tolist()
     times = {name: [] for name in runs}

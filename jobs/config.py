@@ -109,7 +109,9 @@ class RunConfig(BaseModel):
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1)
-    router_cpu_threads: int | None = Field(None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor")
+    router_cpu_threads: int | None = Field(
+        None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the driver (one-process training)")
     # Checkpoints, logs, export.
     checkpoint_every: int = Field(100, ge=1)

@@ -60,7 +60,9 @@ class AppArgs(BaseModel):
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1)
-    router_cpu_threads: int | None = Field(None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor")
+    router_cpu_threads: int | None = Field(
+        None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor"
+    )
     transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")

@@ -37,7 +37,9 @@ def generate(graph: ActorGraph, prompts=PROMPTS) -> list[list[int]]:
     return ray.get(graph.routers[0].generate.remote(prompts, NEW_TOKENS))
 
 
-@pytest.mark.parametrize("config_name, expert_actors, router_threads", [("A", 2, None), ("B", 1, None), ("B", 2, 2), ("B", 4, None)])
+@pytest.mark.parametrize(
+    "config_name, expert_actors, router_threads", [("A", 2, None), ("B", 1, None), ("B", 2, 2), ("B", 4, None)]
+)
 def test_same_greedy_tokens_for_every_actor_count_and_transport(
     ray_cluster, tiny_checkpoints, config_name, expert_actors, router_threads
 ):

@@ -37,7 +37,8 @@ def run_rank(rank: int, address: str, results: "mp.Queue") -> None:
         rank_gradients(model, rank)
     started_in_backward = len(averager.reductions)
     averager.wait()
-    results.put((rank, started_unarmed, started_in_backward, len(averager.buckets), [p.grad.numpy() for p in params]))  # numpy: plain pickles
+    grads = [p.grad.numpy() for p in params]  # numpy: plain pickles, no shared-memory handles to outlive us
+    results.put((rank, started_unarmed, started_in_backward, len(averager.buckets), grads))
 
 
 def free_address() -> str:
