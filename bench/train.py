@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             update={"expert_actors": args.expert_actors, "routers": args.routers, "gpus_per_actor": 0}
         )
         graph = GraphTrainer(graph_config, folder, name="bench-train")
-        router_threads = graph_config.router_cpu_threads or graph_config.cpu_threads_per_actor
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
-                         "router_cpu_threads": router_threads, **common}, graph, 1))  # fmt: skip
+                         "router_cpu_threads": graph_config.router_cpu_threads, **common}, graph, 1))  # fmt: skip
         try:
             for run in runs:
                 run.steps(batches, args.warmup, lr, timed=False)

@@ -1,13 +1,12 @@
 """The routers' gradient averaging (actors/data_parallel.py) in two real gloo processes, without Ray."""
 
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 from torch import nn
 
-from actors.data_parallel import DataParallelGroup, GradientAverager
+from actors.data_parallel import DataParallelGroup, GradientAverager, rendezvous_address
 
 RANKS = 2
 
@@ -41,17 +40,11 @@ def run_rank(rank: int, address: str, results: "mp.Queue") -> None:
     results.put((rank, started_unarmed, started_in_backward, len(averager.buckets), grads))
 
 
-def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
 @pytest.mark.timeout(120)
 def test_gradients_are_averaged_bucket_by_bucket_while_backward_runs():
     context = mp.get_context("spawn")
     results = context.Queue()
-    address = free_address()
+    address = rendezvous_address("127.0.0.1")
     processes = [context.Process(target=run_rank, args=(rank, address, results)) for rank in range(RANKS)]
     for process in processes:
         process.start()
