@@ -166,9 +166,9 @@ def main() -> None:
             for k in actors:
                 for row in floor_rows(k, batches, config.hidden_size, warmup, iters):
                     emit(kind="floor", actors=k, **row)
-                graph = ActorGraph.create(
-                    ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5)
-                )
+                spec = ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5,
+                                   gpus_per_actor=0)
+                graph = ActorGraph.create(spec)
                 try:
                     bench_graph(graph.routers[0], k, model, batches, (warmup, iters), (new_tokens, repeats))
                 finally:

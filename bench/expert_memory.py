@@ -52,7 +52,7 @@ def write_checkpoint(folder: str, layers: int) -> DeepseekV2Config:
 
 def measure(folder: str, k: int) -> list[dict]:
     graph = ActorGraph.create(ClusterSpec(model=folder, name=f"memory-{k}", expert_actors=k, cpus_per_actor=0.2,
-                                          dtype="bfloat16", max_restarts=0))  # fmt: skip
+                                          gpus_per_actor=0, dtype="bfloat16", max_restarts=0))  # fmt: skip
     try:
         # Enough tokens that every expert runs: the slices are read from memory-mapped files, so only
         # experts that ran are resident until then.

@@ -113,7 +113,8 @@ def run_engine(tokens: int, chunk: int) -> dict:
 
     async def prefill() -> dict:
         graph = ActorGraph.create(
-            ClusterSpec(model=folder, name="bench-long-prompt", routers=1, expert_actors=2, cpus_per_actor=0.5)
+            ClusterSpec(model=folder, name="bench-long-prompt", routers=1, expert_actors=2, cpus_per_actor=0.5,
+                        gpus_per_actor=0)
         )
         engine = await Engine.create(graph, EngineConfig(max_batch_tokens=chunk, cache_bytes_per_router=cache_bytes))
         try:

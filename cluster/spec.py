@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -11,29 +11,46 @@ from actors.router import RouterSettings
 from actors.transports import TransportName, TransportSettings
 
 
-class ClusterSpec(BaseModel):
-    model: str = Field(description="model folder (config.json + safetensors) every actor reads its slice from")
-    name: str = Field("moeray", description="prefix of the named actors; one graph per name and namespace")
+class GraphShape(BaseModel):
+    """How many actors a graph has and what each gets. A training config and the serving app's arguments
+    take these fields too (and hand them on with `graph_fields`)."""
+
     routers: int = Field(1, ge=1)
     expert_actors: int = Field(2, ge=1)
     cpus_per_actor: float | None = Field(
         None, gt=0, description="logical CPUs each actor reserves; None = up to 1, shared fairly on small nodes"
     )
-    gpus_per_actor: GpusPerActor = 0.0
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
-    )
+    gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     router_cpu_threads: int | None = Field(
         None, ge=1, description="torch threads of each router on CPU (it does all the dense work: on a node with "
         "cores the expert actors leave idle, give it more); None = cpu_threads_per_actor",
     )
-    dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
-    extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
+
+
+class TransportChoice(BaseModel):
+    """How the routers reach the expert actors (the serving app's arguments take these fields too)."""
+
     transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     compiled_timeout_s: float = Field(
         30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
     )
+
+
+def graph_fields(config: BaseModel) -> dict[str, Any]:
+    """The GraphShape and TransportChoice fields a wider config (training, serving) has, for ClusterSpec."""
+    return {name: getattr(config, name) for base in (GraphShape, TransportChoice) if isinstance(config, base)
+            for name in base.model_fields}  # fmt: skip
+
+
+class ClusterSpec(GraphShape, TransportChoice):
+    model: str = Field(description="model folder (config.json + safetensors) every actor reads its slice from")
+    name: str = Field("moeray", description="prefix of the named actors; one graph per name and namespace")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the graph's bundles (one per actor) are laid over nodes; SPREAD uses several nodes"
+    )
+    dtype: ComputeDtype = Field("auto", description="weights, cache and messages: auto = bf16 on GPUs, fp32 on CPU")
+    extra_copies: int = Field(0, ge=0, description="redundant copies of hot experts per MoE layer")
     detached: bool = Field(False, description="outlive the driver (serving)")
     max_restarts: int = Field(3, ge=-1)
     max_task_retries: int = Field(3, ge=-1)

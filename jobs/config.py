@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from actors.devices import GpusPerActor
+from cluster.spec import GraphShape
 from model.training import AdamWSettings
 
 from .data import ArithConfig, DataConfig
@@ -86,7 +86,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 8
 
 
-class RunConfig(BaseModel):
+class RunConfig(GraphShape):
     """What every training job on the actor graph shares: the model to start from, the optimizer and
     its schedule, the graph's shape, checkpoints and logs. TrainConfig (SFT) and GRPOConfig add theirs."""
 
@@ -103,15 +103,8 @@ class RunConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
-    # The actor graph. expert_actors = 0 trains in this one process, without Ray.
-    routers: int = Field(1, ge=1)
+    # The actor graph (GraphShape's fields). expert_actors = 0 trains in this one process, without Ray.
     expert_actors: int = Field(2, ge=0)
-    cpus_per_actor: float | None = Field(None, gt=0)
-    gpus_per_actor: GpusPerActor = None
-    cpu_threads_per_actor: int = Field(1, ge=1)
-    router_cpu_threads: int | None = Field(
-        None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor"
-    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the driver (one-process training)")
     # Checkpoints, logs, export.
     checkpoint_every: int = Field(100, ge=1)

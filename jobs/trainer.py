@@ -250,7 +250,7 @@ class GraphTrainer(Trainer):
         import ray
 
         from cluster.graph import ActorGraph
-        from cluster.spec import ClusterSpec
+        from cluster.spec import ClusterSpec, graph_fields
 
         self.ray = ray
         self.config = config
@@ -258,15 +258,10 @@ class GraphTrainer(Trainer):
         spec = ClusterSpec(
             model=str(model_dir),
             name=name or f"train-{uuid.uuid4().hex[:8]}",
-            routers=config.routers,
-            expert_actors=config.expert_actors,
-            cpus_per_actor=config.cpus_per_actor,
-            gpus_per_actor=config.gpus_per_actor,
             dtype="float32",  # the weights an optimizer steps; config.dtype is the autocast dtype of the steps
-            cpu_threads_per_actor=config.cpu_threads_per_actor,
-            router_cpu_threads=config.router_cpu_threads,
             max_restarts=0,  # a restarted actor would have lost its optimizer state: fail the job instead
             max_task_retries=0,
+            **graph_fields(config),
         )
         self.graph = ActorGraph.create(spec)
         self.graph.init_data_parallel()

@@ -26,8 +26,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
-from actors.devices import GpusPerActor
-from actors.transports import TransportName
+from cluster.spec import GraphShape, TransportChoice
 
 from engine.generation import (
     CacheError,
@@ -48,22 +47,14 @@ ENGINE_DEPLOYMENT = "EngineServer"
 INGRESS_DEPLOYMENT = "OpenAIServer"
 
 
-class AppArgs(BaseModel):
-    """Arguments of `build` (from `serve run ... key=value`, a config's `args:`, or Python)."""
+class AppArgs(GraphShape, TransportChoice):
+    """Arguments of `build` (from `serve run ... key=value`, a config's `args:`, or Python); the graph's shape
+    and transport are ClusterSpec's fields, used when this creates the graph."""
 
     model: str = Field(description="model folder (config.json + safetensors [+ tokenizer.json])")
     name: str = Field("moeray", description="actor-graph name: attach to this graph, or create it")
     served_model_name: str | None = Field(None, description="the `model` clients ask for; default: folder name")
     create_graph: bool = Field(True, description="create the graph (detached) when none runs under `name`")
-    expert_actors: int = Field(2, ge=1)
-    routers: int = Field(1, ge=1)
-    cpus_per_actor: float | None = Field(None, gt=0)
-    gpus_per_actor: GpusPerActor = None
-    cpu_threads_per_actor: int = Field(1, ge=1)
-    router_cpu_threads: int | None = Field(
-        None, ge=1, description="the routers' torch threads; None = cpu_threads_per_actor"
-    )
-    transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
     engine: dict = Field(default_factory=dict, description="engine.EngineConfig fields")
     api_keys: list[str] = Field(default_factory=list, description="also MOERAY_API_KEYS (comma-separated)")
     require_api_key: bool = Field(False, description="refuse to build without a key (api_keys or MOERAY_API_KEYS)")
@@ -113,7 +104,7 @@ class EngineServerImpl:
         args = AppArgs.model_validate(settings)
         model_dir = resolve_model_dir(args.model)
         config = DeepseekV2Config.from_pretrained(model_dir)
-        self.graph, self.created_graph = _attach_graph(args, model_dir)
+        self.graph, self.created_graph = attach_graph(args, model_dir)
         tokenizer = load_serving_tokenizer(model_dir, args.tokenizer, config.vocab_size)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
         eos_ids = {int(t) for t in eos if t is not None}
@@ -248,26 +239,21 @@ class EngineServerImpl:
         await self.engine.shutdown()
 
 
-def _attach_graph(args: AppArgs, model_dir: Path):
+def attach_graph(args: AppArgs, model_dir: Path):
     """The running actor graph named args.name, or (args.create_graph) a new detached one; and whether
     it was created here."""
     from cluster.graph import ActorGraph
-    from cluster.spec import ClusterSpec
+    from cluster.spec import ClusterSpec, graph_fields
 
     try:
         graph, created = ActorGraph.find(args.name), False
     except ValueError:
         if not args.create_graph:
             raise RuntimeError(f"no actor graph named {args.name!r} is running") from None
-        spec = ClusterSpec(
-            model=str(model_dir), name=args.name, expert_actors=args.expert_actors, routers=args.routers,
-            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-            cpu_threads_per_actor=args.cpu_threads_per_actor, router_cpu_threads=args.router_cpu_threads,
-            transport=args.transport, detached=True,
-        )
+        spec = ClusterSpec(model=str(model_dir), name=args.name, detached=True, **graph_fields(args))
         graph, created = ActorGraph.create(spec), True
     if Path(graph.spec.model).resolve() != model_dir.resolve():
-        raise RuntimeError(f"the graph {args.name!r} serves {graph.spec.model}, not {model_dir}")
+        raise RuntimeError(f"the graph {args.name!r} serves {graph.spec.model}, not {model_dir}: pick another name")
     return graph, created
 
 

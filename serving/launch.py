@@ -17,7 +17,6 @@ from types import FrameType
 
 from cluster.graph import ActorGraph, ensure_ray
 from cluster.ray_logs import expected_record_silenced
-from cluster.spec import ClusterSpec
 
 PROJECT = Path(__file__).resolve().parents[1]
 APP_NAME = "moeray"
@@ -80,16 +79,19 @@ def start(
     brought up is taken down before the exception leaves."""
     from ray import serve
 
-    from .app import build
+    from .app import AppArgs, attach_graph, build
     from .grpc_api import SERVICER_FUNCTION
 
     model_dir = model_dir.resolve()
+    args = AppArgs(model=str(model_dir), name=name, served_model_name=served_model_name, api_keys=list(api_keys),
+                   engine=engine or {}, expert_actors=expert_actors, routers=routers, cpus_per_actor=cpus_per_actor,
+                   gpus_per_actor=gpus_per_actor)  # fmt: skip
     running = Running(_init_ray(ray_init, quiet), host, port, grpc_port, served_model_name or model_dir.name,
                       api_keys[0] if api_keys else None)
     _on_termination_signals(_interrupt)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="moeray-graph") as pool:
-            graph = pool.submit(_find_or_create_graph, model_dir, name, expert_actors, routers, cpus_per_actor, gpus_per_actor)
+            graph = pool.submit(attach_graph, args, model_dir)
             try:
                 serve.start(
                     http_options={"host": host, "port": port},
@@ -97,12 +99,6 @@ def start(
                 )
             finally:
                 running.graph, running.created_graph = graph.result()
-        if Path(running.graph.spec.model).resolve() != model_dir:
-            raise RuntimeError(f"a graph named {name!r} already serves {running.graph.spec.model}; pick another --name")
-        args = {"model": str(model_dir), "name": name, "api_keys": list(api_keys), "engine": engine or {},
-                "expert_actors": expert_actors, "routers": routers}
-        if served_model_name:
-            args["served_model_name"] = served_model_name
         running.deployed = True
         # serve.run takes no HTTP or gRPC options, so they went to serve.start just above; serve.run then
         # finds that instance and logs that "new http_options ... will not be applied": they already were.
@@ -125,17 +121,6 @@ def _init_ray(ray_init: dict | None, quiet: bool) -> bool:
         options.setdefault("log_to_driver", False)
         options.setdefault("logging_level", logging.WARNING)
     return ensure_ray(**options)
-
-
-def _find_or_create_graph(model_dir: Path, name: str, expert_actors: int, routers: int,
-                          cpus_per_actor: float | None, gpus_per_actor: float | None) -> tuple[ActorGraph, bool]:
-    """The running graph `name`, or a new detached one; and whether it was created here."""
-    try:
-        return ActorGraph.find(name), False
-    except ValueError:
-        spec = ClusterSpec(model=str(model_dir), name=name, expert_actors=expert_actors, routers=routers,
-                           cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, detached=True)
-        return ActorGraph.create(spec), True
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -414,8 +414,9 @@ def test_the_actor_graph_fits_the_worker_groups(overlay):
     (app,) = config["applications"]
     args = app["args"]
     (worker,) = the(resources, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    graph = ",".join(f"{field}={args[field]}" for field in ClusterSpec.model_fields if field in args)
-    assert worker["template"]["metadata"]["annotations"]["moeray.io/actor-graph"] == graph
+    graph = {field: str(args[field]) for field in ClusterSpec.model_fields if field in args}
+    annotation = worker["template"]["metadata"]["annotations"]["moeray.io/actor-graph"]
+    assert dict(pair.split("=", 1) for pair in annotation.split(",")) == graph
     (engine,) = [d for d in app["deployments"] if d["name"] == "EngineServer"]
     needed = ((args["routers"] + args["expert_actors"]) * args["cpus_per_actor"]
               + engine["ray_actor_options"]["num_cpus"] + args["max_replicas"] * args["ingress_num_cpus"])
