@@ -8,6 +8,7 @@ when the placement changes.
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 import torch
@@ -48,6 +49,7 @@ class ExpertActor:
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
+                "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 

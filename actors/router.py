@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -90,6 +91,21 @@ class RouterActor:
         self.data_parallel = DataParallelGroup()  # this rank alone until init_data_parallel
         self.train_dtype = "float32"
         self._on_worker(self._use_transport, settings.transport)
+        idle_release_s = settings.transport_settings.idle_release_s
+        if idle_release_s is not None:
+            threading.Thread(target=self._release_idle_transport, args=(idle_release_s / 4,), daemon=True,
+                             name="router-idle-release").start()  # fmt: skip
+
+    def _release_idle_transport(self, every_s: float) -> None:
+        """Has the step thread look, between two steps, whether the live transport has been idle long
+        enough to let go of what spins (a compiled graph's readers)."""
+        while True:
+            time.sleep(every_s)
+            try:
+                looked = self._worker.submit(lambda: self.experts.transport.release_if_idle())
+            except RuntimeError:  # the interpreter is exiting: no steps any more
+                return
+            looked.result()
 
     def _on_worker(self, fn: Callable, *args: Any) -> Any:
         return self._worker.submit(fn, *args).result()
@@ -101,6 +117,7 @@ class RouterActor:
     async def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.settings.cpu_threads,
+                "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "transport": self.transport_name}  # fmt: skip
 
     @property
@@ -114,6 +131,7 @@ class RouterActor:
             "placement": self.experts.placement.model_dump(),
             "transport": transport.name,
             "transport_healthy": transport.healthy,
+            "transport_released": transport.released,
             "transport_failures": transport.failures,
             "messages": {"shared_memory": 0, "inline": 0, **self.objectstore.sent},  # the object store's
         }

@@ -23,7 +23,9 @@ Prints JSON lines on stdout ("kind" says which):
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
   one process. One-token prompts, so all N forwards of generate(prompts, N) are decode steps; tok/s =
-  batch * N / median time (step_ms_min: the best repeat, less sensitive to other users' load).
+  batch * N / median time (step_ms_min: the best repeat, less sensitive to other users' load);
+- "idle": the cores each expert actor uses while a compiled graph stands idle (its channel readers spin),
+  and once the router has released it (the graph's compiled_idle_release_s, 4 s here; 10 s by default).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ OVERRIDES = {  # tiny attention; experts big enough that their compute shows at 
     "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
     "vocab_size": 1024, "bos_token_id": None, "eos_token_id": None,
 }  # fmt: skip
+
+
+IDLE_RELEASE_S = 4.0  # compiled_idle_release_s of the bench's graphs
+IDLE_WINDOW_S = 1.5  # how long the idle CPU use is measured
 
 
 def emit(**fields) -> None:
@@ -167,7 +173,7 @@ def main() -> None:
                 for row in floor_rows(k, batches, config.hidden_size, warmup, iters):
                     emit(kind="floor", actors=k, **row)
                 spec = ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5,
-                                   gpus_per_actor=0)
+                                   gpus_per_actor=0, compiled_idle_release_s=IDLE_RELEASE_S)
                 graph = ActorGraph.create(spec)
                 try:
                     bench_graph(graph.routers[0], k, model, batches, (warmup, iters), (new_tokens, repeats))
@@ -200,7 +206,31 @@ def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, d
             refs = [] if name.startswith("one_") else [r for r in result if r.startswith("one_")]
             ratios = {f"ratio_vs_{r}": round(row["tok_s"] / result[r]["tok_s"], 3) for r in refs}
             emit(kind="decode", backend=name, actors=k, batch=batch, **row, **ratios)
+    emit(kind="idle", actors=k, transport="compiled", **idle_cpu(router))
     ray.get(router.set_transport.remote("objectstore"))  # tears the compiled graph down
+
+
+def idle_cpu(router) -> dict:
+    """Cores per expert actor while an idle compiled graph stands, then once the router released it."""
+    experts = ray.get(router.get_expert_actors.remote())
+
+    def cores_used() -> list[float]:
+        before, start = [ray.get(a.ready.remote())["cpu_s"] for a in experts], time.perf_counter()
+        time.sleep(IDLE_WINDOW_S)
+        after, wall = [ray.get(a.ready.remote())["cpu_s"] for a in experts], time.perf_counter() - start
+        return [round((a - b) / wall, 2) for a, b in zip(after, before)]
+
+    ray.get(router.set_transport.remote("compiled"))
+    ray.get(router.generate.remote([[3]], 2))
+    last_used = time.perf_counter()
+    held = cores_used()
+    while not ray.get(router.describe.remote())["transport_released"]:
+        if time.perf_counter() - last_used > 10 * IDLE_RELEASE_S:
+            raise RuntimeError("the idle compiled graph was never released")
+        time.sleep(0.1)
+    released_after_s = round(time.perf_counter() - last_used, 1)
+    return {"release_after_s": IDLE_RELEASE_S, "held_cores_per_actor": held, "released_after_s": released_after_s,
+            "released_cores_per_actor": cores_used()}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class TransportChoice(BaseModel):
     compiled_timeout_s: float = Field(
         30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
     )
+    compiled_idle_release_s: float | None = Field(
+        10.0, gt=0, description="a compiled graph unused this long is torn down (its actors' channel readers spin a "
+        "core each while it stands) and compiled again by the next step; None = keep it",
+    )
 
 
 def graph_fields(config: BaseModel) -> dict[str, Any]:
@@ -64,7 +68,9 @@ class ClusterSpec(GraphShape, TransportChoice):
     def router_settings(self) -> RouterSettings:
         return RouterSettings(
             transport=self.transport,
-            transport_settings=TransportSettings(timeout_s=self.compiled_timeout_s),
+            transport_settings=TransportSettings(
+                timeout_s=self.compiled_timeout_s, idle_release_s=self.compiled_idle_release_s
+            ),
             cpu_threads=self.router_cpu_threads or self.cpu_threads_per_actor,
             dtype=self.dtype,
             extra_copies=self.extra_copies,

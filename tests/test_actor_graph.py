@@ -196,3 +196,32 @@ def test_compiled_graph_falls_back_when_an_expert_dies_and_recompiles(ray_cluste
     finally:
         ray.get(router.set_transport.remote("objectstore"))
         graph.teardown()
+
+
+def test_an_idle_compiled_graph_is_released_and_compiled_again(ray_cluster, tiny_checkpoints):
+    """Its expert actors' channel readers spin while the graph stands: once idle, it lets them go."""
+    folder = tiny_checkpoints["B"]
+    expected = reference_tokens(folder)
+    graph = make_graph(folder, "idle-release", 2, transport="compiled", compiled_idle_release_s=2.0)
+    router = graph.routers[0]
+
+    def expert_cpu_seconds_over(wall_s: float) -> list[float]:
+        before, start = [ray.get(a.ready.remote())["cpu_s"] for a in graph.experts], time.monotonic()
+        while time.monotonic() - start < wall_s:  # the measurement's window, not a wait for a condition
+            time.sleep(0.1)
+        return [ray.get(a.ready.remote())["cpu_s"] - b for a, b in zip(graph.experts, before)]
+
+    try:
+        assert generate(graph) == expected
+        assert not ray.get(router.describe.remote())["transport_released"]
+        deadline = time.monotonic() + 60
+        while not ray.get(router.describe.remote())["transport_released"]:
+            assert time.monotonic() < deadline, "the idle compiled graph was never released"
+            time.sleep(0.2)
+        assert max(expert_cpu_seconds_over(1.0)) < 0.3  # a spinning reader takes most of a core
+        assert generate(graph) == expected
+        description = ray.get(router.describe.remote())
+        assert (description["transport"], description["transport_released"]) == ("compiled", False)
+        assert description["transport_failures"] == 0
+    finally:
+        graph.teardown()

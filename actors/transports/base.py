@@ -19,6 +19,10 @@ class ExpertReply(NamedTuple):
 
 class TransportSettings(BaseModel):
     timeout_s: float = Field(30.0, gt=0, description="a transport that can hang gives up (and falls back) after this")
+    idle_release_s: float | None = Field(
+        10.0, gt=0, description="a transport whose actors spin while it stands (the compiled graph) lets go after "
+        "this long without a layer, and the next layer builds it again; None = never",
+    )
 
 
 class InFlight(ABC):
@@ -82,6 +86,15 @@ class ExpertTransport(ABC):
     @property
     def failures(self) -> int:
         return 0
+
+    @property
+    def released(self) -> bool:
+        """Let go for being idle (see `release_if_idle`); the next `send` takes it up again."""
+        return False
+
+    def release_if_idle(self) -> None:
+        """Called by the thread that drives the transport, between two steps: let go of what costs while
+        unused (the compiled graph's spinning channel readers) once it has been idle for idle_release_s."""
 
     def teardown(self) -> None:
         """Release what the transport holds (threads, channels); the actors stay."""

@@ -3,7 +3,8 @@ distinct GPUs.
 
 Inference only; it must be built and executed by the one thread that owns it (the router's step
 thread). It dies with any of its actors, so it falls back to the object store and recompiles once
-every actor answers again.
+every actor answers again. Its actors' channel readers spin while it stands, so once it has been idle
+for `idle_release_s` it is torn down, and the next layer compiles it again.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class CompiledGraphTransport(ExpertTransport):
         self.nccl = self._nccl_between_actors()
         self._failures = 0
         self._next_retry = 0.0
+        self._released = False
+        self._last_used = time.monotonic()
         self._compile()
 
     def _compile(self) -> None:
@@ -95,7 +98,25 @@ class CompiledGraphTransport(ExpertTransport):
 
     @property
     def healthy(self) -> bool:
-        return self.graph is not None
+        return self.graph is not None or self._released
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release_if_idle(self) -> None:
+        """Its actors' channel readers spin a core each for as long as the graph stands (Ray 2.60), idle or
+        not: on a small node those are the cores the router needs. Compiling again costs ~0.2 s."""
+        idle_release_s = self.settings.idle_release_s
+        if self.graph is None or idle_release_s is None or time.monotonic() - self._last_used < idle_release_s:
+            return
+        try:
+            self.teardown()
+        except Exception as error:  # a graph that cannot be torn down is broken: recover as from a failure
+            self.broken(error)
+            return
+        self._released = True
+        logger.info("compiled graph released after %.0f s unused; the next step compiles it again", idle_release_s)
 
     @property
     def failures(self) -> int:
@@ -124,8 +145,17 @@ class CompiledGraphTransport(ExpertTransport):
         self._next_retry = time.monotonic() + RETRY_INTERVAL_S
 
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
+        if keep_for_backward:
+            return self.fallback.send(layer, messages, keep_for_backward)
+        self._last_used = time.monotonic()
+        if self._released:
+            self._released = False
+            try:
+                self._compile()
+            except Exception as error:  # an actor gone while the graph was released: recover as from a failure
+                self.broken(error)
         self._recover()
-        if keep_for_backward or self.graph is None:
+        if self.graph is None:
             return self.fallback.send(layer, messages, keep_for_backward)
         # Every actor of the graph runs each time; idle ones get no tokens (zero-size tensors do not
         # survive a tensor channel).
