@@ -116,6 +116,7 @@ class CompiledGraphTransport(ExpertTransport):
             self.broken(error)
             return
         self._released = True
+        self._next_retry = 0.0  # the next layer compiles it again at once
         logger.info("compiled graph released after %.0f s unused; the next step compiles it again", idle_release_s)
 
     @property
@@ -123,7 +124,7 @@ class CompiledGraphTransport(ExpertTransport):
         return self._failures
 
     def _recover(self) -> None:
-        """After a failure: once every actor answers again, compile a fresh graph."""
+        """After a failure or a release: once every actor answers again, compile a fresh graph."""
         if self.graph is not None or time.monotonic() < self._next_retry:
             return
         self._next_retry = time.monotonic() + RETRY_INTERVAL_S
@@ -133,6 +134,7 @@ class CompiledGraphTransport(ExpertTransport):
             logger.info("compiled graph rebuilt")
         except Exception as error:  # an actor still restarting: stay on the object store
             logger.info("compiled graph not rebuilt yet: %s", error)
+        self._released = False  # rebuilt, or as good as broken until it is
 
     def broken(self, error: Exception) -> None:
         logger.warning("compiled graph failed (%s); falling back to the object store", error)
@@ -148,12 +150,6 @@ class CompiledGraphTransport(ExpertTransport):
         if keep_for_backward:
             return self.fallback.send(layer, messages, keep_for_backward)
         self._last_used = time.monotonic()
-        if self._released:
-            self._released = False
-            try:
-                self._compile()
-            except Exception as error:  # an actor gone while the graph was released: recover as from a failure
-                self.broken(error)
         self._recover()
         if self.graph is None:
             return self.fallback.send(layer, messages, keep_for_backward)
