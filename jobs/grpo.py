@@ -42,7 +42,7 @@ from .policy import GraphPolicy, Policy, policy_metrics
 from .progress import Progress
 from .rewards import Completion, Rewards
 from .rollouts import RolloutSample, Rollouts
-from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors
+from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors, write_result
 from .trainer import GraphTrainer, export_model, lost_an_actor, restore_training_state, save_checkpoint, step_seed
 
 METRICS_FILE = "metrics.jsonl"
@@ -315,6 +315,7 @@ def evaluate_and_export(config: GRPOConfig, run_dir: Path, result: dict[str, Any
 def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
     graph dies, up to config.max_failures times."""
+    started = time.perf_counter()
     run_dir = prepare_run_dir(config, resume, overwrite)
     start = find_start(config, run_dir, resume, log)
     tokenizer = ChatTokenizer.from_pretrained(start.tokenizer_dir)
@@ -343,8 +344,7 @@ def train(config: GRPOConfig, resume: bool = False, overwrite: bool = False) -> 
 
     result = resume_on_lost_actors(config, run_dir, start, attempt, log, lost=lost_a_graph_process)
     evaluate_and_export(config, run_dir, result)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(run_dir, result, started)
 
 
 def lost_a_graph_process(error: BaseException) -> bool:

@@ -46,6 +46,7 @@ from .trainer import (
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
+RESULT_FILE = "result.json"
 INIT_DIR = "init"
 TOKENIZER_DIR = "tokenizer"
 
@@ -280,6 +281,7 @@ def evaluate_and_export(config: TrainConfig, run_dir: Path, result: dict[str, An
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The run, resumed from its newest complete checkpoint (on a new graph) when a process of its
     graph dies, up to config.max_failures times."""
+    started = time.perf_counter()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     run_dir = prepare_run_dir(config, resume, overwrite)
@@ -303,7 +305,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
     result = resume_on_lost_actors(config, run_dir, start, attempt, log)
     evaluate_and_export(config, run_dir, result)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return write_result(run_dir, result, started)
+
+
+def write_result(run_dir: Path, result: dict[str, Any], started: float) -> dict[str, Any]:
+    """result.json, with the job's wall time since `started` (graphs, steps, checkpoints, evaluation: every
+    attempt) and the machine's load averages (1, 5, 15 min) as it ends."""
+    result = {**result, "wall_seconds": round(time.perf_counter() - started, 1), "loadavg": os.getloadavg()}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

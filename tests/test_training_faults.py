@@ -63,6 +63,7 @@ def test_an_expert_actor_killed_mid_run_resumes_from_the_newest_checkpoint(ray_c
     result = train(config)
     killer.join(timeout=10)
     assert result["failures"] == 1 and result["steps"] == 8
+    assert result["wall_seconds"] > result["train_seconds"]  # the job's wall: graphs, both attempts, evaluation
     records = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))  # steps past the checkpoint were run again, once
     final = Path(result["checkpoint"])
