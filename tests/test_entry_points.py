@@ -145,6 +145,7 @@ MISTAKES = {
     "bench.fuzz, bad value": (["bench.fuzz", "--requests", "-1"], "--requests"),
     "bench.long_prompt, bad value": (["bench.long_prompt", "--chunk", "0"], "--chunk"),
     "bench.expert_memory, no MoE layer": (["bench.expert_memory", "--layers", "1"], "--layers"),
+    "bench.report, not a bench output": (["bench.report", "README.md"], "README.md"),
 }
 
 
