@@ -16,9 +16,9 @@ Prints JSON lines on stdout ("kind" says which):
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`;
 - "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
   each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 numpy array (the
-  graph's messages on a CPU) and waits for the answers, over ordinary calls and over a compiled graph;
-  nothing is computed. The "layer" rows
-  minus the local experts' time, minus this, is what moeray itself adds;
+  graph's messages on a CPU) and waits for the answers, over ordinary calls (before any compiled graph
+  stands, as in the object store's layer rows) and then over a compiled graph; nothing is computed. The
+  "layer" rows minus the local experts' time, minus this, is what moeray itself adds;
 - "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
@@ -90,28 +90,33 @@ class Echo:
 class EchoCaller:
     def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int,
                     iters: int) -> list[dict]:
+        """Over ordinary calls first, with no compiled graph standing (its readers spin, as in the layer
+        rows' conditions for each transport), then over a compiled graph."""
         from ray.dag import InputNode, MultiOutputNode
 
+        rows = self._round_trips("objectstore", lambda x: ray.get([a.forward.remote(1, x.numpy(), [len(x)]) for a in actors]),
+                                 batches, hidden, warmup, iters)  # fmt: skip
         with InputNode() as inputs:
             dag = MultiOutputNode([a.forward_compiled.bind(inputs[i]) for i, a in enumerate(actors)])
         compiled = dag.experimental_compile()
-        calls = {
-            "objectstore": lambda x: ray.get([a.forward.remote(1, x.numpy(), [len(x)]) for a in actors]),
-            "compiled": lambda x: ray.get(compiled.execute(*[(1, x.numpy(), [len(x)])] * len(actors))),
-        }
-        rows = []
         try:
-            for batch in batches:
-                tokens = torch.randn(batch, hidden)
-                for name, call in calls.items():
-                    samples = []
-                    for _ in range(warmup + iters):
-                        start = time.perf_counter_ns()
-                        call(tokens)
-                        samples.append(time.perf_counter_ns() - start)
-                    rows.append({"transport": name, "batch": batch, "round_trip_ns": samples[warmup:]})
+            rows += self._round_trips("compiled", lambda x: ray.get(compiled.execute(*[(1, x.numpy(), [len(x)])] * len(actors))),
+                                      batches, hidden, warmup, iters)  # fmt: skip
         finally:
             tear_down_quietly(compiled)
+        return rows
+
+    @staticmethod
+    def _round_trips(transport: str, call, batches: list[int], hidden: int, warmup: int, iters: int) -> list[dict]:
+        rows = []
+        for batch in batches:
+            tokens = torch.randn(batch, hidden)
+            samples = []
+            for _ in range(warmup + iters):
+                start = time.perf_counter_ns()
+                call(tokens)
+                samples.append(time.perf_counter_ns() - start)
+            rows.append({"transport": transport, "batch": batch, "round_trip_ns": samples[warmup:]})
         return rows
 
 
