@@ -90,8 +90,8 @@ class Echo:
 class EchoCaller:
     def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int,
                     iters: int) -> list[dict]:
-        """Over ordinary calls first, with no compiled graph standing (its readers spin, as in the layer
-        rows' conditions for each transport), then over a compiled graph."""
+        """Over ordinary calls first, while no compiled graph stands (its readers would spin, and the object
+        store's layer rows run with none), then over a compiled graph."""
         from ray.dag import InputNode, MultiOutputNode
 
         rows = self._round_trips("objectstore", lambda x: ray.get([a.forward.remote(1, x.numpy(), [len(x)]) for a in actors]),
@@ -136,8 +136,8 @@ def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vo
     """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate as long as
     the timed one (a freshly compiled graph, rebuilt by each repeat's setup, runs its first ~50 executions
     about 1.4x slower; a served graph stays compiled), then times generate(prompts, N). One-token
-    prompts: the "prefill" is a decode-shaped step too, so every one of the
-    N forwards is a decode step (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
+    prompts: the "prefill" is a decode-shaped step too, so every one of the N forwards is a decode step
+    (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
     prompts = torch.randint(3, vocab, (batch, 1), generator=torch.Generator().manual_seed(batch)).tolist()
     times = {name: [] for name in runs}
     for _ in range(repeats):
