@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -45,11 +47,14 @@ class ExpertActor:
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
+        self.busy_s = 0.0  # wall seconds spent on data-path messages (receive, compute, answer) so far
+        self.messages = 0
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
+                "busy_s": self.busy_s, "messages": self.messages,  # what the transport's time leaves out
                 "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 
@@ -57,8 +62,18 @@ class ExpertActor:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
 
     # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - started
+            self.messages += 1
+
     def forward(self, layer: int, tokens: Wire, counts: list[int]) -> tuple[Wire, None]:
-        return self._answer(tokens, self._forward(layer, self._received(tokens), counts)), None
+        with self._busy():
+            return self._answer(tokens, self._forward(layer, self._received(tokens), counts)), None
 
     def _forward(self, layer: int, tokens: Tensor, counts: list[int]) -> Tensor:
         """The experts in their own dtype on their own device; the answer in the tokens' dtype."""
@@ -72,19 +87,22 @@ class ExpertActor:
         layer, tokens, counts = message
         if tokens is None:
             return IDLE_REPLY
-        if isinstance(tokens, WireTensor):
-            return to_wire(self._forward(layer, from_wire(tokens, self.device), counts))
-        return self._forward(layer, tokens, counts)
+        with self._busy():
+            if isinstance(tokens, WireTensor):
+                return to_wire(self._forward(layer, from_wire(tokens, self.device), counts))
+            return self._forward(layer, tokens, counts)
 
     def forward_train(self, layer: int, message: Wire, counts: list[int]) -> tuple[Wire, int]:
-        tokens = self._received(message)
-        with autocast(self.train_dtype, self.device):
-            outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
-        return self._answer(message, outputs.to(tokens.dtype)), handle  # bf16 autocast: in the tokens' dtype
+        with self._busy():
+            tokens = self._received(message)
+            with autocast(self.train_dtype, self.device):
+                outputs, handle = self.local.forward(layer, tokens, counts, keep_for_backward=True)
+            return self._answer(message, outputs.to(tokens.dtype)), handle  # bf16 autocast: in the tokens' dtype
 
     def backward(self, handle: int, grad_outputs: Wire) -> tuple[Wire, None]:
         """The gradient of the tokens, in the forward's reply shape (the transport reads both alike)."""
-        return self._answer(grad_outputs, self.local.backward(handle, self._received(grad_outputs))), None
+        with self._busy():
+            return self._answer(grad_outputs, self.local.backward(handle, self._received(grad_outputs))), None
 
     def _received(self, message: Wire) -> Tensor:
         if isinstance(message, SharedTensor):

@@ -13,7 +13,9 @@ Prints JSON lines on stdout ("kind" says which):
   in-process LocalExperts (all experts of the layer, built in the router) and for RemoteExperts over the
   live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
-  set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`;
+  set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`.
+  A remote row's expert_busy_us_mean is the busiest expert actor's own time on a round trip's message
+  (receiving, computing, answering; warm-up included), the part that is not Ray's transport;
 - "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
   each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 numpy array (the
   graph's messages on a CPU) and waits for the answers, over ordinary calls (before any compiled graph
@@ -189,13 +191,25 @@ def main() -> None:
         ray.shutdown()
 
 
+def expert_readings(experts: list, key: str) -> list[float]:
+    """One figure of every expert actor's `ready()`: cpu_s, busy_s."""
+    return [reply[key] for reply in ray.get([a.ready.remote() for a in experts])]
+
+
 def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, decode_iters: tuple) -> None:
+    experts = ray.get(router.get_expert_actors.remote())
     for transport in ("objectstore", "compiled"):
         start = time.perf_counter()
         assert ray.get(router.set_transport.remote(transport)) == transport
         setup_s = round(time.perf_counter() - start, 2)
-        for row in layer_rows(router, batches, *layer_iters):
-            emit(kind="layer", actors=k, transport_alive=transport, setup_s=setup_s, **row)
+        for batch in batches:
+            before = expert_readings(experts, "busy_s")
+            rows = layer_rows(router, [batch], *layer_iters)
+            after = expert_readings(experts, "busy_s")
+            busiest_us = 1e6 * max(a - b for a, b in zip(after, before)) / sum(layer_iters)
+            for row in rows:
+                busy = {} if row["backend"] == "local" else {"expert_busy_us_mean": round(busiest_us, 1)}
+                emit(kind="layer", actors=k, transport_alive=transport, setup_s=setup_s, **row, **busy)
 
     def use(transport: str, threads: int = 1):  # one-process runs only while no compiled graph spins
         return lambda: (torch.set_num_threads(threads), ray.get(router.set_transport.remote(transport)))
@@ -211,18 +225,17 @@ def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, d
             refs = [] if name.startswith("one_") else [r for r in result if r.startswith("one_")]
             ratios = {f"ratio_vs_{r}": round(row["tok_s"] / result[r]["tok_s"], 3) for r in refs}
             emit(kind="decode", backend=name, actors=k, batch=batch, **row, **ratios)
-    emit(kind="idle", actors=k, transport="compiled", **idle_cpu(router))
+    emit(kind="idle", actors=k, transport="compiled", **idle_cpu(router, experts))
     ray.get(router.set_transport.remote("objectstore"))  # tears the compiled graph down
 
 
-def idle_cpu(router) -> dict:
+def idle_cpu(router, experts: list) -> dict:
     """Cores per expert actor while an idle compiled graph stands, then once the router released it."""
-    experts = ray.get(router.get_expert_actors.remote())
 
     def cores_used() -> list[float]:
-        before, start = [ray.get(a.ready.remote())["cpu_s"] for a in experts], time.perf_counter()
+        before, start = expert_readings(experts, "cpu_s"), time.perf_counter()
         time.sleep(IDLE_WINDOW_S)
-        after, wall = [ray.get(a.ready.remote())["cpu_s"] for a in experts], time.perf_counter() - start
+        after, wall = expert_readings(experts, "cpu_s"), time.perf_counter() - start
         return [round((a - b) / wall, 2) for a, b in zip(after, before)]
 
     ray.get(router.set_transport.remote("compiled"))

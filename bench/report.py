@@ -147,8 +147,8 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
     def rows(kind: str) -> list[dict]:
         return [r for r in records if r.get("kind") == kind]
 
-    def median_ms(kind: str, **match) -> float | None:
-        found = [r["median_us"] / 1e3 for r in rows(kind) if all(r[key] == value for key, value in match.items())]
+    def ms(kind: str, figure: str = "median_us", **match) -> float | None:
+        found = [r[figure] / 1e3 for r in rows(kind) if all(r[key] == value for key, value in match.items()) and figure in r]
         return found[0] if found else None
 
     context = rows("context")[0]
@@ -157,11 +157,13 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
     for actors, transport, goal, label in ((2, "objectstore", AT_MOST_2_5_MS, "object store"),
                                            (1, "compiled", AT_MOST_1_MS, "compiled graph")):  # fmt: skip
         layer = {"kind": "layer", "actors": actors, "transport_alive": transport, "batch": 1}
-        remote, local = median_ms(**layer, backend=transport), median_ms(**layer, backend="local")
-        floor = median_ms("floor", actors=actors, transport=transport, batch=1)
+        remote, local = ms(**layer, backend=transport), ms(**layer, backend="local")
+        beside = {"Ray's floor": ms("floor", actors=actors, transport=transport, batch=1),
+                  "the experts in process": local,
+                  "the busiest expert actor's own time (mean)": ms(**layer, figure="expert_busy_us_mean", backend=transport)}  # fmt: skip
         if remote is not None and local is not None:
             report.add(f"MoE layer, batch 1, above one process: {label}, {expert_actors(actors)}", DISPATCH, "ms",
-                       remote - local, goal, None if floor is None else {"Ray's floor": ("ms", floor)})  # fmt: skip
+                       remote - local, goal, {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
     decode = [r for r in rows("decode") if r["actors"] == 2 and r["batch"] == 8]
     best_one_process = max((r["tok_s"] for r in decode if r["backend"].startswith("one_process")), default=None)
     for transport, label in (("compiled", "compiled graph"), ("objectstore", "object store")):
@@ -188,9 +190,13 @@ def add_train(report: Report, records: list[dict]) -> None:
     report.load(result.get("load_average"))
     routers = f"{graph['routers']} router{'s' if graph['routers'] != 1 else ''}"
     goal = AT_LEAST_0_7 if (graph["routers"], graph["expert_actors"]) == (1, 2) else None
+    phases = graph.get("phase_ms", {})
+    beside = {"graph step": 1e3 * graph["step_s"], "one process": 1e3 * best["step_s"],
+              "the graph's waiting for its experts": phases.get("expert_wait"),
+              "the busiest expert actor's own time": phases.get("expert_busy")}  # fmt: skip
     report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])} ÷ the best one-process run",
                TRAIN, "×", result["ratio_graph_vs_one_process"], goal,
-               {"graph step": ("ms", 1e3 * graph["step_s"]), "one process": ("ms", 1e3 * best["step_s"])})  # fmt: skip
+               {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
 
 
 def is_sft(records: list[dict]) -> bool:

@@ -6,7 +6,8 @@ Prints JSON lines: one per one-process run (torch threads 1 and the machine's co
 graph (embedded Ray, or RAY_ADDRESS), then the ratio graph / best one-process run. Each run's
 `phase_ms` is its mean step split as the trainer reports it (`seconds` in metrics.jsonl): forward,
 backward, update and, on the graph (averaged over routers), expert_send / expert_wait (parts of forward
-and backward). Same model, same
+and backward), and expert_busy: the busiest expert actor's own time on its messages (receiving,
+computing, answering), the part of expert_wait that is not Ray's transport. Same model, same
 batches, same seeds; the first `--warmup` steps are not timed. The timed steps run in `--rounds`
 alternating rounds (each run takes its next steps in turn), so that a change in the machine's load
 falls on every run alike rather than on whichever happened to be running.
@@ -19,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class Run:
     result: dict
     trainer: object
     torch_threads: int
+    expert_busy: Callable[[], list[float]] | None = None  # each expert actor's busy seconds so far
     next_step: int = 0
     timed_steps: int = 0
     seconds: float = 0.0
@@ -44,6 +47,7 @@ class Run:
     def steps(self, batches: list, count: int, lr: float, timed: bool) -> None:
         torch.set_num_threads(self.torch_threads)
         taken = range(self.next_step, self.next_step + count)
+        busy_before = self.expert_busy() if timed and self.expert_busy else None
         start = time.perf_counter()
         for step in taken:
             ids, labels = batches[step]
@@ -54,6 +58,9 @@ class Run:
                     self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
         if timed:
             self.seconds += time.perf_counter() - start
+            if busy_before is not None:
+                busiest = max(after - before for after, before in zip(self.expert_busy(), busy_before))
+                self.phase_seconds["expert_busy"] = self.phase_seconds.get("expert_busy", 0.0) + busiest
             self.timed_steps += count
             self.tokens += sum(batches[step][0].numel() for step in taken)
         self.next_step += count
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         graph = GraphTrainer(graph_config, folder, name="bench-train")
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
-                         "router_cpu_threads": graph_config.router_cpu_threads, **common}, graph, 1))  # fmt: skip
+                         "router_cpu_threads": graph_config.router_cpu_threads, **common}, graph, 1,
+                        graph.expert_busy_s))  # fmt: skip
         try:
             for run in runs:
                 run.steps(batches, args.warmup, lr, timed=False)

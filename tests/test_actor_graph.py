@@ -119,8 +119,14 @@ def messages_sent(graph: ActorGraph, step) -> dict[str, int]:
 # 2 x 12 tokens: a few KB per actor, inline; 8 x 64: ~64 KB and more, through shared memory
 @pytest.mark.parametrize("shape, route", [((2, 12), "inline"), ((8, 64), "shared_memory")])
 def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints, shape, route):
+    before = ray.get([actor.ready.remote() for actor in graph_b2.experts])
     sent = messages_sent(graph_b2, lambda: assert_gradients_equal_one_process(graph_b2, tiny_checkpoints["B"], shape))
+    after = ray.get([actor.ready.remote() for actor in graph_b2.experts])
     assert sent[route] > 0 and sum(sent.values()) == sent[route], sent
+    # each actor times every message it answers (the part of a round trip that is not Ray's transport)
+    answered = [a["messages"] - b["messages"] for a, b in zip(after, before)]
+    assert sum(answered) == sent[route] and min(answered) > 0, answered
+    assert all(a["busy_s"] > b["busy_s"] for a, b in zip(after, before))
     assert not glob.glob("/dev/shm/moeray-*")  # a file is unlinked once its actor has answered through it
 
 
