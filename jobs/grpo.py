@@ -42,11 +42,17 @@ from .policy import GraphPolicy, Policy, policy_metrics
 from .progress import Progress
 from .rewards import Completion, Rewards
 from .rollouts import RolloutSample, Rollouts
-from .sft import MetricsLog, Start, find_start, prepare_run_dir, resume_on_lost_actors, write_result
+from .sft import (
+    METRICS_FILE,
+    PLOT_FILE,
+    MetricsLog,
+    Start,
+    find_start,
+    prepare_run_dir,
+    resume_on_lost_actors,
+    write_result,
+)
 from .trainer import GraphTrainer, export_model, lost_an_actor, restore_training_state, save_checkpoint, step_seed
-
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "training.png"
 
 
 def log(message: str) -> None:
