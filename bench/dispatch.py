@@ -1,7 +1,7 @@
 """MoE dispatch benchmark: per-layer round trip and decode tokens/s, in-process vs Ray transports.
 
     cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch            # full (batch 1, 64)
-    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch --quick    # ~2 min smoke run
+    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch --quick    # ~5 min smoke run
     ... python -m bench.dispatch --actors 1,2,4                                              # also 4 expert actors
 
 Prints JSON lines on stdout ("kind" says which):
@@ -25,7 +25,9 @@ Prints JSON lines on stdout ("kind" says which):
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
   one process. One-token prompts, so all N forwards of generate(prompts, N) are decode steps; tok/s =
-  batch * N / median time (step_ms_min: the best repeat, less sensitive to other users' load);
+  batch * N / median time (step_ms_min: the best repeat, less sensitive to other users' load), timed
+  after DECODE_WARMUP generates; first_step_ms: the first of those, right after the setup (for the
+  compiled transport, a freshly compiled graph's);
 - "idle": the cores each expert actor uses while a compiled graph stands idle (its channel readers spin),
   and once the router has released it (the graph's compiled_idle_release_s, 4 s here; 10 s by default).
 """
@@ -57,6 +59,10 @@ OVERRIDES = {  # tiny attention; experts big enough that their compute shows at 
 }  # fmt: skip
 
 
+# A freshly compiled graph's round trips are slow at first: on a 2-core machine its successive decode
+# generates of 24 tokens took 19.8-21.6, 13.4-17.8, 11.4-16.1, then 9.6-13.6 ms a token (3 graphs).
+LAYER_WARMUP = 50  # round trips before the timed ones, on every path (the floor's included)
+DECODE_WARMUP = 4  # generates before the timed one, on every path
 IDLE_RELEASE_S = 4.0  # compiled_idle_release_s of the bench's graphs
 IDLE_WINDOW_S = 1.5  # how long the idle CPU use is measured
 
@@ -135,33 +141,43 @@ def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int)
 
 # ---- decode ----------------------------------------------------------------------------------------
 def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vocab: int) -> dict:
-    """runs: name -> (setup, generate). Every repeat does each run's setup, a warm-up generate as long as
-    the timed one (a freshly compiled graph, rebuilt by each repeat's setup, runs its first ~50 executions
-    about 1.4x slower; a served graph stays compiled), then times generate(prompts, N). One-token
-    prompts: the "prefill" is a decode-shaped step too, so every one of the N forwards is a decode step
-    (absorbed MLA, 1 token per sequence). Interleaved: load drift hits all alike."""
+    """runs: name -> (setup, generate). Every repeat does each run's setup, DECODE_WARMUP generates as long
+    as the timed one, then times generate(prompts, N). A compiled graph, rebuilt by each repeat's setup,
+    is slow for its first few hundred executions (a served graph stays compiled): first_step_ms is the
+    first warm-up generate's, right after the setup. One-token prompts: the "prefill" is a decode-shaped
+    step too, so every one of the N forwards is a decode step (absorbed MLA, 1 token per sequence).
+    Interleaved: load drift hits all alike."""
     prompts = torch.randint(3, vocab, (batch, 1), generator=torch.Generator().manual_seed(batch)).tolist()
     times = {name: [] for name in runs}
+    first = {name: [] for name in runs}
+
+    def timed(generate) -> float:
+        start = time.perf_counter()
+        generate(prompts, new_tokens)
+        return time.perf_counter() - start
+
     for _ in range(repeats):
         for name, (setup, generate) in runs.items():
             setup()
-            generate(prompts, new_tokens)
-            start = time.perf_counter()
-            generate(prompts, new_tokens)
-            times[name].append(time.perf_counter() - start)
+            first[name].append(timed(generate))
+            for _ in range(DECODE_WARMUP - 1):
+                generate(prompts, new_tokens)
+            times[name].append(timed(generate))
     return {name: {"tok_s": round(batch * new_tokens / statistics.median(t), 1),
                    "step_ms": round(1e3 * statistics.median(t) / new_tokens, 2),
-                   "step_ms_min": round(1e3 * min(t) / new_tokens, 2)} for name, t in times.items()}  # fmt: skip
+                   "step_ms_min": round(1e3 * min(t) / new_tokens, 2),
+                   "first_step_ms": round(1e3 * statistics.median(first[name]) / new_tokens, 2)}
+            for name, t in times.items()}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~5 min)")
     parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
     actors = args.actors
     batches = [1, 8] if args.quick else [1, 64]
-    warmup, iters = (5, 40) if args.quick else (20, 200)
+    warmup, iters = LAYER_WARMUP, 40 if args.quick else 200
     new_tokens, repeats = 24, 5  # a median of 5: one slow repeat does not decide it
     emit(kind="context", cores=os.cpu_count(), torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(),
          torch=torch.__version__, ray=ray.__version__, quick=args.quick)  # fmt: skip
