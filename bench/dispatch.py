@@ -1,7 +1,7 @@
 """MoE dispatch benchmark: per-layer round trip and decode tokens/s, in-process vs Ray transports.
 
     cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch            # full (batch 1, 64)
-    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch --quick    # ~5 min smoke run
+    cd /work/main && RAY_AUTH_MODE=disabled timeout 900 python -m bench.dispatch --quick    # ~3 min smoke run
     ... python -m bench.dispatch --actors 1,2,4                                              # also 4 expert actors
 
 Prints JSON lines on stdout ("kind" says which):
@@ -172,7 +172,7 @@ def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vo
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~5 min)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~3 min)")
     parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
     actors = args.actors
