@@ -81,7 +81,7 @@ class RouterActor:
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
         self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
-        self.experts = RemoteExperts(self.objectstore, placement, self.stats)
+        self.experts = RemoteExperts(self.objectstore, placement, self.stats, settings.cpu_threads)
         self.model.set_expert_backend(self.experts)
         self.cache: LatentCache | None = None
         self.sequences: SequenceTable | None = None  # the running sequences, once init_cache made a pool

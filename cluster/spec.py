@@ -23,8 +23,8 @@ class GraphShape(BaseModel):
     gpus_per_actor: GpusPerActor = None
     cpu_threads_per_actor: int = Field(1, ge=1, description="torch threads per actor on CPU")
     router_cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads of each router on CPU (it does all the dense work: on a node with "
-        "cores the expert actors leave idle, give it more); None = cpu_threads_per_actor",
+        None, ge=1, description="torch threads of each router on CPU (it does all the dense work: give it more "
+        "on a node with cores to spare; it keeps 1 while its expert actors work); None = cpu_threads_per_actor",
     )
 
 

@@ -11,6 +11,11 @@ import pytest
 import ray
 import torch
 
+from actors.load_stats import LoadStats
+from actors.placement import Placement
+from actors.transports.base import TransportSettings
+from actors.transports.objectstore import ObjectStoreTransport
+from actors.transports.remote_experts import RemoteExperts
 from cluster.graph import ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2ForCausalLM
@@ -128,6 +133,33 @@ def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_chec
     assert sum(answered) == sent[route] and min(answered) > 0, answered
     assert all(a["busy_s"] > b["busy_s"] for a, b in zip(after, before))
     assert not glob.glob("/dev/shm/moeray-*")  # a file is unlinked once its actor has answered through it
+
+
+def test_a_router_on_two_threads_lends_one_while_its_expert_actors_work(graph_b2):
+    """Driven from this process, as a router's step thread drives it: 1 torch thread from each send
+    (forward and backward) until the replies are in, both threads for the router's own work."""
+    n_experts, layers = CONFIG_B.n_routed_experts, CONFIG_B.moe_layers
+    experts = RemoteExperts(
+        ObjectStoreTransport(graph_b2.experts, TransportSettings(), torch.device("cpu")),
+        Placement.contiguous(n_experts, len(graph_b2.experts), layers, CONFIG_B.n_group),
+        LoadStats(layers, n_experts, len(graph_b2.experts)),
+        threads=2,
+    )
+    tokens, counts = torch.randn(n_experts, CONFIG_B.hidden_size), [1] * n_experts
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pending = experts.submit(layers[0], tokens, counts, torch.arange(n_experts), keep_for_backward=True)
+        assert torch.get_num_threads() == 1
+        outputs = pending.result()
+        assert torch.get_num_threads() == 2
+        pending.start_backward(torch.ones_like(outputs))
+        assert torch.get_num_threads() == 1
+        assert pending.grad_tokens().shape == tokens.shape
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+        ray.get([actor.zero_grad.remote() for actor in graph_b2.experts])
 
 
 def test_a_restarted_expert_actor_gets_its_messages_inline_once_then_through_a_new_file(ray_cluster, tiny_checkpoints):

@@ -33,20 +33,39 @@ class TransferTime:
         return totals
 
 
+class LentThreads:
+    """The router's torch threads (its step thread's): all of them for its own work, one from a layer's
+    send until its replies are in, so that on a node with few cores the router's intra-op threads leave
+    the cores to the expert actors while they compute (without it, a second router thread on 2 cores
+    slowed the actors as much as it sped up the router)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def lend(self) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def take_back(self) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
 class _RemotePending(PendingExperts):
-    def __init__(
-        self, transport: ExpertTransport, plan: DispatchPlan, tokens: Tensor, in_flight: InFlight, time_spent: TransferTime
-    ):
-        self.transport, self.plan, self.tokens, self.in_flight = transport, plan, tokens, in_flight
-        self.time_spent = time_spent
+    def __init__(self, experts: "RemoteExperts", plan: DispatchPlan, tokens: Tensor, in_flight: InFlight):
+        self.experts, self.transport = experts, experts.transport  # the backward goes the forward's way
+        self.plan, self.tokens, self.in_flight = plan, tokens, in_flight
         self.handles: dict[int, int] = {}
 
     def _gather(self, in_flight: InFlight) -> Tensor:
         """Every actor's reply put back in the order of the tokens (the plan covers every row)."""
         gathered = torch.empty_like(self.tokens)
         started = time.perf_counter()
-        replies = in_flight.receive()
-        self.time_spent.wait += time.perf_counter() - started
+        try:
+            replies = in_flight.receive()
+        finally:
+            self.experts.threads.take_back()
+        self.experts.time_spent.wait += time.perf_counter() - started
         for actor, reply in replies.items():
             self.plan.put(gathered, actor, reply.outputs)
             if reply.backward_handle is not None:
@@ -58,26 +77,30 @@ class _RemotePending(PendingExperts):
 
     def start_backward(self, grad_outputs: Tensor) -> None:
         started = time.perf_counter()
+        self.experts.threads.lend()
         grads = {actor: self.plan.take(grad_outputs, actor) for actor in self.handles}
         self.in_flight = self.transport.send_backward(self.handles, grads)
-        self.time_spent.send += time.perf_counter() - started
+        self.experts.time_spent.send += time.perf_counter() - started
 
     def grad_tokens(self) -> Tensor:
         return self._gather(self.in_flight)
 
 
 class RemoteExperts(ExpertBackend):
-    def __init__(self, transport: ExpertTransport, placement: Placement, stats: LoadStats):
+    def __init__(self, transport: ExpertTransport, placement: Placement, stats: LoadStats, threads: int = 1):
+        """threads: the router's torch threads, lent back while its expert actors work (LentThreads)."""
         self.transport, self.placement, self.stats = transport, placement, stats
         self.time_spent = TransferTime()
+        self.threads = LentThreads(threads)
 
     def submit(
         self, layer: int, tokens: Tensor, counts: list[int], token_index: Tensor, keep_for_backward: bool
     ) -> PendingExperts:
         started = time.perf_counter()
+        self.threads.lend()
         plan = self.placement.plan(layer, counts)
         self.stats.record(layer, counts, plan, token_index)
         messages = {actor: (plan.take(tokens, actor), plan.counts[actor]) for actor in plan.active_actors}
         in_flight = self.transport.send(layer, messages, keep_for_backward)
         self.time_spent.send += time.perf_counter() - started
-        return _RemotePending(self.transport, plan, tokens, in_flight, self.time_spent)
+        return _RemotePending(self, plan, tokens, in_flight)
