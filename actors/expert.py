@@ -54,7 +54,7 @@ class ExpertActor:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
-                "busy_s": self.busy_s, "messages": self.messages,  # what the transport's time leaves out
+                "busy_s": self.busy_s, "messages": self.messages,  # a round trip less this is the transport's
                 "experts": self.held(),
                 "parameter_bytes": sum(p.numel() * p.element_size() for p in self.local.named_parameters().values())}  # fmt: skip
 

@@ -48,6 +48,7 @@ import torch
 
 from actors.transports.compiled import tear_down_quietly
 from bench.args import positive_ints
+from bench.readings import expert_readings
 from cluster.graph import GRAPH_ENV_VARS, NAMESPACE, ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -177,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     actors = args.actors
     batches = [1, 8] if args.quick else [1, 64]
-    warmup, iters = LAYER_WARMUP, 40 if args.quick else 200
+    warmup, iters = LAYER_WARMUP, (40 if args.quick else 200)
     new_tokens, repeats = 24, 5  # a median of 5: one slow repeat does not decide it
     emit(kind="context", cores=os.cpu_count(), torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(),
          torch=torch.__version__, ray=ray.__version__, quick=args.quick)  # fmt: skip
@@ -205,11 +206,6 @@ def main() -> None:
     finally:
         emit(kind="done", wall_s=round(time.perf_counter() - started, 1), loadavg_end=os.getloadavg())
         ray.shutdown()
-
-
-def expert_readings(experts: list, key: str) -> list[float]:
-    """One figure of every expert actor's `ready()`: cpu_s, busy_s."""
-    return [reply[key] for reply in ray.get([a.ready.remote() for a in experts])]
 
 
 def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, decode_iters: tuple) -> None:

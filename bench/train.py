@@ -20,13 +20,13 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bench.args import non_negative_int, positive_int
+from bench.readings import expert_readings
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Run:
     result: dict
     trainer: object
     torch_threads: int
-    expert_busy: Callable[[], list[float]] | None = None  # each expert actor's busy seconds so far
+    expert_actors: list = field(default_factory=list)  # the graph's, whose busy_s the timed steps add up
     next_step: int = 0
     timed_steps: int = 0
     seconds: float = 0.0
@@ -47,7 +47,7 @@ class Run:
     def steps(self, batches: list, count: int, lr: float, timed: bool) -> None:
         torch.set_num_threads(self.torch_threads)
         taken = range(self.next_step, self.next_step + count)
-        busy_before = self.expert_busy() if timed and self.expert_busy else None
+        busy_before = expert_readings(self.expert_actors, "busy_s") if timed and self.expert_actors else None
         start = time.perf_counter()
         for step in taken:
             ids, labels = batches[step]
@@ -59,7 +59,8 @@ class Run:
         if timed:
             self.seconds += time.perf_counter() - start
             if busy_before is not None:
-                busiest = max(after - before for after, before in zip(self.expert_busy(), busy_before))
+                busy_after = expert_readings(self.expert_actors, "busy_s")
+                busiest = max(after - before for after, before in zip(busy_after, busy_before))
                 self.phase_seconds["expert_busy"] = self.phase_seconds.get("expert_busy", 0.0) + busiest
             self.timed_steps += count
             self.tokens += sum(batches[step][0].numel() for step in taken)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
                          "router_cpu_threads": graph_config.router_cpu_threads, **common}, graph, 1,
-                        graph.expert_busy_s))  # fmt: skip
+                        graph.experts))  # fmt: skip
         try:
             for run in runs:
                 run.steps(batches, args.warmup, lr, timed=False)

@@ -280,10 +280,6 @@ class GraphTrainer(Trainer):
         ])
         return combine_parts(parts, n_learned)
 
-    def expert_busy_s(self) -> list[float]:
-        """Each expert actor's wall seconds on its messages so far (bench.train's expert_busy)."""
-        return [reply["busy_s"] for reply in self.ray.get([e.ready.remote() for e in self.experts])]
-
     def save(self, directory: Path) -> None:
         ray = self.ray
         (directory / OPTIMIZER_DIR).mkdir(exist_ok=True)
