@@ -21,6 +21,7 @@ from model.checkpoint import write_shard
 from model.moe import make_experts
 from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast, grad_sq_norm, gradients, zero_grads
 
+from .cpu_affinity import PinnedCores
 from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .shared_memory import SharedFiles, SharedTensor
 from .wire import Wire, WireTensor, from_wire, to_wire
@@ -47,12 +48,14 @@ class ExpertActor:
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
+        self.cores = PinnedCores(torch_threads)  # held while a compiled graph stands
         self.busy_s = 0.0  # wall seconds spent on data-path messages (receive, compute, answer) so far
         self.messages = 0
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
+                "cores": self.cores.cores,  # the cores its threads are held on; None = wherever the kernel puts them
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "busy_s": self.busy_s, "messages": self.messages,  # a round trip less this is the transport's
                 "experts": self.held(),
@@ -60,6 +63,11 @@ class ExpertActor:
 
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
+
+    def hold_cores(self, pinned: bool) -> list[int] | None:
+        """The compiled transport's: pins this actor's threads to cores of its own while its graph
+        stands, if it computes on the CPU (actors/cpu_affinity.py)."""
+        return self.cores.hold(pinned) if self.device.type == "cpu" else None
 
     # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
     @contextmanager

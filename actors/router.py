@@ -37,6 +37,7 @@ from model.training import (
     next_token_backward,
 )
 
+from .cpu_affinity import PinnedCores
 from .data_parallel import DataParallelGroup, GradientAverager, rendezvous_address
 from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .load_stats import LoadStats
@@ -80,6 +81,7 @@ class RouterActor:
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, self.dtype, self.device, expert_ids=[])
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
+        self.cores = PinnedCores(settings.cpu_threads)  # held while a compiled graph stands
         self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats, settings.cpu_threads)
         self.model.set_expert_backend(self.experts)
@@ -117,6 +119,7 @@ class RouterActor:
     async def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.settings.cpu_threads,
+                "cores": self.cores.cores,  # the cores its threads are held on; None = wherever the kernel puts them
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "transport": self.transport_name}  # fmt: skip
 
@@ -406,7 +409,8 @@ class RouterActor:
         transport: ExpertTransport = self.objectstore
         if name != self.objectstore.name:
             transport = TRANSPORTS[name](
-                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore
+                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore,
+                router_cores=self.cores,
             )
         if current is not self.objectstore:
             current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused

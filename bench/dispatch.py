@@ -14,6 +14,8 @@ Prints JSON lines on stdout ("kind" says which):
   live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`.
+  While the compiled graph stands, its processes are pinned to cores of their own (compiled_pin_cores;
+  `--no-pin-cores` leaves them to the kernel), and so is the router's in-process "local" row then.
   A remote row's expert_busy_us_mean is the busiest expert actor's own time on a round trip's message
   (receiving, computing, answering; warm-up included), the part that is not Ray's transport;
 - "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
@@ -174,6 +176,8 @@ def decode_interleaved(runs: dict, batch: int, new_tokens: int, repeats: int, vo
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~3 min)")
+    parser.add_argument("--no-pin-cores", action="store_true",
+                        help="leave a compiled graph's processes where the kernel puts them (compiled_pin_cores=False)")
     parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
     actors = args.actors
@@ -185,7 +189,8 @@ def main() -> None:
     config = DeepseekV2Config.preset("tiny", **OVERRIDES)
     emit(kind="config", preset="tiny", overrides=OVERRIDES, moe_layers=config.moe_layers, actors=actors,
          batches=batches, layer_warmup=warmup, layer_iters=iters, decode_new_tokens=new_tokens,
-         decode_repeats=repeats, prompt_len=1, cpus_per_actor=0.5, cpu_threads_per_actor=1)  # fmt: skip
+         decode_repeats=repeats, prompt_len=1, cpus_per_actor=0.5, cpu_threads_per_actor=1,
+         compiled_pin_cores=not args.no_pin_cores)  # fmt: skip
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})  # fmt: skip
     started = time.perf_counter()
@@ -197,7 +202,8 @@ def main() -> None:
                 for row in floor_rows(k, batches, config.hidden_size, warmup, iters):
                     emit(kind="floor", actors=k, **row)
                 spec = ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5,
-                                   gpus_per_actor=0, compiled_idle_release_s=IDLE_RELEASE_S)
+                                   gpus_per_actor=0, compiled_idle_release_s=IDLE_RELEASE_S,
+                                   compiled_pin_cores=not args.no_pin_cores)
                 graph = ActorGraph.create(spec)
                 try:
                     bench_graph(graph.routers[0], k, model, batches, (warmup, iters), (new_tokens, repeats))

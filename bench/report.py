@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DISPATCH = "python -m bench.dispatch --quick"
+DISPATCH_UNPINNED = f"{DISPATCH} --no-pin-cores"  # the compiled graph's figures without pinned cores, for comparison
 TRAIN = "python -m bench.train"
 SFT = "python -m jobs.sft --config jobs/configs/arith-tiny.yaml"
 LONG_PROMPT = "python -m bench.long_prompt"
-COMMANDS = [DISPATCH, TRAIN, SFT, LONG_PROMPT]  # the table's order
+COMMANDS = [DISPATCH, DISPATCH_UNPINNED, TRAIN, SFT, LONG_PROMPT]  # the table's order
 
 
 class NotABenchOutput(ValueError):
@@ -152,29 +153,34 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
         return found[0] if found else None
 
     context = rows("context")[0]
+    compiled, compiled_command = "compiled graph", DISPATCH
+    if any(r.get("compiled_pin_cores") is False for r in rows("config")):  # a run for comparison: its own figures
+        compiled, compiled_command = "compiled graph, cores not pinned", DISPATCH_UNPINNED
     report.cores.add(context["cores"])
     report.load(context.get("loadavg_start"), *(r.get("loadavg_end") for r in rows("done")))
-    for actors, transport, goal, label in ((2, "objectstore", AT_MOST_2_5_MS, "object store"),
-                                           (1, "compiled", AT_MOST_1_MS, "compiled graph")):  # fmt: skip
+    paths = {"objectstore": ("object store", DISPATCH), "compiled": (compiled, compiled_command)}
+    for actors, transport, goal in ((2, "objectstore", AT_MOST_2_5_MS), (1, "compiled", AT_MOST_1_MS)):
+        label, command = paths[transport]
         layer = {"kind": "layer", "actors": actors, "transport_alive": transport, "batch": 1}
         remote, local = ms(**layer, backend=transport), ms(**layer, backend="local")
         beside = {"Ray's floor": ms("floor", actors=actors, transport=transport, batch=1),
                   "the experts in process": local,
                   "the busiest expert actor's own time (mean)": ms(**layer, figure="expert_busy_us_mean", backend=transport)}  # fmt: skip
         if remote is not None and local is not None:
-            report.add(f"MoE layer, batch 1, above one process: {label}, {expert_actors(actors)}", DISPATCH, "ms",
+            report.add(f"MoE layer, batch 1, above one process: {label}, {expert_actors(actors)}", command, "ms",
                        remote - local, goal, {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
     decode = [r for r in rows("decode") if r["actors"] == 2 and r["batch"] == 8]
     best_one_process = max((r["tok_s"] for r in decode if r["backend"].startswith("one_process")), default=None)
-    for transport, label in (("compiled", "compiled graph"), ("objectstore", "object store")):
+    for transport in ("compiled", "objectstore"):
+        label, command = paths[transport]
         for r in decode:
             if r["backend"] == transport and best_one_process:
                 beside = {"a token": r["step_ms"], "the first generate after the setup, a token": r.get("first_step_ms")}
-                report.add(f"decode, batch 8, 2 expert actors, ÷ the best one-process run: {label}", DISPATCH, "×",
+                report.add(f"decode, batch 8, 2 expert actors, ÷ the best one-process run: {label}", command, "×",
                            r["tok_s"] / best_one_process, AT_LEAST_0_6,
                            {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
     for r in rows("idle"):
-        report.add(f"an idle compiled graph, {expert_actors(r['actors'])}: cores per actor while it stands", DISPATCH,
+        report.add(f"an idle {compiled}, {expert_actors(r['actors'])}: cores per actor while it stands", compiled_command,
                    "cores", statistics.mean(r["held_cores_per_actor"]),
                    context={"once released": ("cores", statistics.mean(r["released_cores_per_actor"])),
                             "released after its last use": ("s", r["released_after_s"])})  # fmt: skip

@@ -39,6 +39,11 @@ class TransportChoice(BaseModel):
         10.0, gt=0, description="a compiled graph unused this long is torn down (its actors' channel readers spin a "
         "core each while it stands) and compiled again by the next step; None = keep it",
     )
+    compiled_pin_cores: bool = Field(
+        True, description="while a compiled graph stands, its router and expert actors computing on the CPU keep "
+        "their threads on cores of their own (each hand-over then wakes no thread on another core); False = the kernel "
+        "places them",
+    )
 
 
 def graph_fields(config: BaseModel) -> dict[str, Any]:
@@ -69,7 +74,8 @@ class ClusterSpec(GraphShape, TransportChoice):
         return RouterSettings(
             transport=self.transport,
             transport_settings=TransportSettings(
-                timeout_s=self.compiled_timeout_s, idle_release_s=self.compiled_idle_release_s
+                timeout_s=self.compiled_timeout_s, idle_release_s=self.compiled_idle_release_s,
+                pin_cores=self.compiled_pin_cores,
             ),
             cpu_threads=self.router_cpu_threads or self.cpu_threads_per_actor,
             dtype=self.dtype,

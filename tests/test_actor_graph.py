@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import ray
@@ -42,25 +43,55 @@ def generate(graph: ActorGraph, prompts=PROMPTS) -> list[list[int]]:
     return ray.get(graph.routers[0].generate.remote(prompts, NEW_TOKENS))
 
 
+def held_cores(graph: ActorGraph) -> list[list[int] | None]:
+    """Each process's claimed cores (router first), checked against where the OS lets its threads run."""
+    described = [ray.get(actor.ready.remote()) for actor in [*graph.routers, *graph.experts]]
+    for process in described:
+        allowed = set()
+        for tid in os.listdir(f"/proc/{process['pid']}/task"):
+            try:
+                allowed |= os.sched_getaffinity(int(tid))
+            except ProcessLookupError:  # a thread that has just ended
+                pass
+        assert allowed == set(process["cores"] or os.sched_getaffinity(0)), process
+    return [process["cores"] for process in described]
+
+
+def assert_pinned_apart(cores: list[list[int] | None], threads: list[int]) -> None:
+    """Every process on as many cores as it has threads, the graph's claims spread over the machine's cores."""
+    assert [len(c or []) for c in cores] == threads
+    held = Counter(core for process in cores for core in process)
+    per_core = [held[core] for core in os.sched_getaffinity(0)]
+    assert max(per_core) - min(per_core) <= 1, held
+
+
 @pytest.mark.parametrize(
-    "config_name, expert_actors, router_threads", [("A", 2, None), ("B", 1, None), ("B", 2, 2), ("B", 4, None)]
+    "config_name, expert_actors, router_threads, pin_cores",
+    [("A", 2, None, True), ("B", 1, None, False), ("B", 2, 2, True), ("B", 4, None, True)],
 )
 def test_same_greedy_tokens_for_every_actor_count_and_transport(
-    ray_cluster, tiny_checkpoints, config_name, expert_actors, router_threads
+    ray_cluster, tiny_checkpoints, config_name, expert_actors, router_threads, pin_cores
 ):
     folder = tiny_checkpoints[config_name]
     expected = reference_tokens(folder)
-    graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors, router_cpu_threads=router_threads)
+    graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors, router_cpu_threads=router_threads,
+                       compiled_pin_cores=pin_cores)  # fmt: skip
     try:
         router = graph.routers[0]
         threads = [ray.get(actor.ready.remote())["torch_threads"] for actor in [router, *graph.experts]]
         assert threads == [router_threads or 1] + [1] * expert_actors
         assert generate(graph) == expected
+        assert held_cores(graph) == [None] * len(threads)
         assert ray.get(router.set_transport.remote("compiled")) == "compiled"
         assert generate(graph) == expected
+        if pin_cores:
+            assert_pinned_apart(held_cores(graph), threads)
+        else:
+            assert held_cores(graph) == [None] * len(threads)
         stats = ray.get(router.load_stats.remote())
         assert stats["transport"] == "compiled"
         ray.get(router.set_transport.remote("objectstore"))
+        assert held_cores(graph) == [None] * len(threads)
     finally:
         graph.teardown()
     for layer in stats["layers"].values():
@@ -231,6 +262,7 @@ def test_compiled_graph_falls_back_when_an_expert_dies_and_recompiles(ray_cluste
             description = ray.get(router.describe.remote())
         assert generate(graph) == expected
         assert ray.get(router.load_stats.remote())["transport"] == "compiled"
+        assert_pinned_apart(held_cores(graph), [1, 1, 1])  # the restarted actor's new process too
     finally:
         ray.get(router.set_transport.remote("objectstore"))
         graph.teardown()
@@ -256,7 +288,9 @@ def test_an_idle_compiled_graph_is_released_and_compiled_again(ray_cluster, tiny
             assert time.monotonic() < deadline, "the idle compiled graph was never released"
             time.sleep(0.2)
         assert max(expert_cpu_seconds_over(1.0)) < 0.3  # a spinning reader takes most of a core
+        assert held_cores(graph) == [None] * 3  # and its processes go back to every core
         assert generate(graph) == expected
+        assert_pinned_apart(held_cores(graph), [1, 1, 1])
         description = ray.get(router.describe.remote())
         assert (description["transport"], description["transport_released"]) == ("compiled", False)
         assert description["transport_failures"] == 0

@@ -15,7 +15,7 @@ def write_lines(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load: float) -> Path:
+def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load: float, pin_cores: bool = True) -> Path:
     """A bench.dispatch --quick output: the local experts at 800 µs, the transports as given."""
     layer = {"kind": "layer", "batch": 1, "iters": 40, "p90_us": 0.0}
     decode = [{"kind": "decode", "backend": backend, "actors": 2, "batch": 8, "tok_s": tok_s, "step_ms": 8000 / tok_s}
@@ -24,6 +24,7 @@ def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load:
     decode[-1]["first_step_ms"] = 25.0  # a freshly compiled graph's first generate
     return write_lines(path, [
         {"kind": "context", "cores": 2, "loadavg_start": [load, 1.0, 1.0]},
+        {"kind": "config", "compiled_pin_cores": pin_cores},
         {"kind": "floor", "actors": 2, "transport": "objectstore", "batch": 1, "median_us": 1500.0},
         {**layer, "actors": 2, "transport_alive": "objectstore", "backend": "local", "median_us": 800.0},
         {**layer, "actors": 2, "transport_alive": "objectstore", "backend": "objectstore", "median_us": objectstore_us,
@@ -82,6 +83,21 @@ def test_each_goal_gets_its_range_over_the_runs_and_how_many_runs_met_it(tmp_pat
             "experts 40 ms; the busiest expert actor's own time 25 ms | met in 1 of 2 runs |") in table
     assert table.index("MoE layer") < table.index("training tokens/s")  # the goals in the issue's order
     assert table.endswith("Cores: 2; the 1-minute load average the runs recorded: 0.7–2.5.")
+
+
+def test_a_run_without_pinned_cores_gets_compiled_figures_of_its_own(tmp_path):
+    report = build([
+        dispatch_output(tmp_path / "pinned.jsonl", objectstore_us=3000.0, compiled_us=1500.0, load=1.0),
+        dispatch_output(tmp_path / "not.jsonl", objectstore_us=3400.0, compiled_us=1900.0, load=1.0, pin_cores=False),
+    ])  # fmt: skip
+    figures = report.figures
+    assert figures["MoE layer, batch 1, above one process: compiled graph, 1 expert actor"].values == [0.7]
+    unpinned = figures["MoE layer, batch 1, above one process: compiled graph, cores not pinned, 1 expert actor"]
+    assert unpinned.values == [1.1] and unpinned.command == "python -m bench.dispatch --quick --no-pin-cores"
+    assert "decode, batch 8, 2 expert actors, ÷ the best one-process run: compiled graph, cores not pinned" in figures
+    assert figures["MoE layer, batch 1, above one process: object store, 2 expert actors"].values == [2.2, 2.6]
+    table = report.markdown()
+    assert table.index("compiled graph, 1 expert actor") < table.index("compiled graph, cores not pinned, 1 expert")
 
 
 def test_the_sft_row_takes_the_jobs_wall_time_and_its_held_out_score(tmp_path):
