@@ -55,12 +55,16 @@ def _update_claims(claims_file: Path, pid: int, cores_wanted: int, allowed: list
 
 
 def _set_every_thread(cores: set[int] | list[int]) -> None:
-    """Threads started later inherit the set from the thread that starts them."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cores)
-        except ProcessLookupError:  # a thread that has just ended
-            pass
+    """Threads started later inherit the set from the thread that starts them; one that a thread not
+    yet moved starts meanwhile is found by the next look."""
+    moved: set[str] = set()
+    while new := set(os.listdir("/proc/self/task")) - moved:
+        for tid in new:
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:  # a thread that has just ended
+                pass
+        moved |= new
 
 
 class PinnedCores:
