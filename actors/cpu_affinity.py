@@ -1,11 +1,11 @@
-"""Holding a process's threads on cores of its own while a compiled graph stands.
+"""Holding a graph process's threads on cores of its own.
 
-A compiled graph's router and expert actors hand every message over through shared memory and wake
-each other by spinning. When the kernel moves them between cores, each hand-over may wake a thread on
-another core, which costs tens of microseconds on a virtual machine; a process whose threads stay on
-its cores hands over within them, while processes on distinct cores still compute in parallel. Ray
-hands out CPU counts, not core ids, so a user's processes on a machine agree on cores through a claims
-file: each takes the cores that the fewest live processes hold.
+A router and its expert actors hand every message back and forth, and each hand-over wakes a thread of
+the other process, and within each process Ray's threads wake one another. When the kernel moves them
+between cores, a wake-up may land on another core, which costs tens of microseconds on a virtual
+machine; a process whose threads stay on its cores hands over within them, while processes on distinct
+cores still compute in parallel. Ray hands out CPU counts, not core ids, so a user's processes on a
+machine agree on cores through a claims file: each takes the cores that the fewest live processes hold.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 CLAIMS_FILE = Path(tempfile.gettempdir()) / f"moeray-core-claims-{os.getuid()}.json"  # one per user: it is writable
 
@@ -33,9 +35,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _update_claims(claims_file: Path, pid: int, cores_wanted: int, allowed: list[int]) -> list[int]:
-    """Replaces `pid`'s claim by the `cores_wanted` allowed cores the fewest other live claimants hold
-    (none when `cores_wanted` is 0), dropping the claims of processes that have ended."""
+def _claim(claims_file: Path, pid: int, cores_wanted: int, allowed: list[int]) -> list[int]:
+    """Replaces `pid`'s claim by the `cores_wanted` allowed cores the fewest other live claimants hold,
+    dropping the claims of processes that have ended."""
     with open(claims_file, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         f.seek(0)
@@ -45,16 +47,15 @@ def _update_claims(claims_file: Path, pid: int, cores_wanted: int, allowed: list
             claims = {}
         claims = {p: cores for p, cores in claims.items() if int(p) != pid and _alive(int(p))}
         held = Counter(core for cores in claims.values() for core in cores)
-        chosen = sorted(allowed, key=lambda core: (held[core], core))[:cores_wanted]
-        if chosen:
-            claims[str(pid)] = chosen
+        chosen = sorted(sorted(allowed, key=lambda core: (held[core], core))[:cores_wanted])
+        claims[str(pid)] = chosen
         f.seek(0)
         f.truncate()
         f.write(json.dumps(claims))
-    return sorted(chosen)
+    return chosen
 
 
-def _set_every_thread(cores: set[int] | list[int]) -> None:
+def _set_every_thread(cores: list[int]) -> None:
     """Threads started later inherit the set from the thread that starts them; one that a thread not
     yet moved starts meanwhile is found by the next look."""
     moved: set[str] = set()
@@ -68,39 +69,23 @@ def _set_every_thread(cores: set[int] | list[int]) -> None:
 
 
 class PinnedCores:
-    """This process's claim on `count` cores (its torch threads'): `pin` moves every thread onto them,
-    `unpin` gives the threads back the set they had. Nothing happens where the OS cannot pin (not Linux)."""
+    """This process's claim on `count` cores (its torch threads'), when it computes on the CPU: a GPU's
+    process is left where it is, and so is any process where the OS cannot pin (not Linux)."""
 
-    def __init__(self, count: int, claims_file: Path = CLAIMS_FILE):
-        self.count, self.claims_file = count, claims_file
+    def __init__(self, count: int, device: torch.device, claims_file: Path = CLAIMS_FILE):
+        self.count, self.device, self.claims_file = count, device, claims_file
         self.cores: list[int] | None = None
-        self._allowed: set[int] | None = None  # the threads' set before the first pin
-
-    def hold(self, pinned: bool) -> list[int] | None:
-        """Pins or unpins; the cores held after."""
-        if pinned:
-            self.pin()
-        else:
-            self.unpin()
-        return self.cores
+        self.allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # before any pin
 
     def pin(self) -> list[int] | None:
-        if not hasattr(os, "sched_setaffinity"):
+        """Claims the cores and moves every thread of this process onto them; the cores, or None."""
+        if self.device.type != "cpu" or not hasattr(os, "sched_setaffinity"):
             return None
-        if self._allowed is None:
-            self._allowed = os.sched_getaffinity(0)
         try:
-            cores = _update_claims(self.claims_file, os.getpid(), self.count, sorted(self._allowed))
+            cores = _claim(self.claims_file, os.getpid(), self.count, self.allowed)
             _set_every_thread(cores)
         except OSError as error:  # pinning only saves time: a process that cannot pin runs where it is
             logger.warning("could not pin this process's threads to cores (%s); they stay where they are", error)
             return self.cores
         self.cores = cores
-        return self.cores
-
-    def unpin(self) -> None:
-        if self.cores is None:
-            return
-        _update_claims(self.claims_file, os.getpid(), 0, [])
-        _set_every_thread(self._allowed)
-        self.cores = None
+        return cores

@@ -33,9 +33,10 @@ IDLE_REPLY = torch.zeros(1)
 class ExpertActor:
     def __init__(
         self, model_dir: str, index: int, experts: dict[int, list[int]], torch_threads: int = 1,
-        dtype: ComputeDtype = "auto", device: torch.device | None = None,
+        dtype: ComputeDtype = "auto", device: torch.device | None = None, pin_cores: bool = False,
     ):  # fmt: skip
-        """`device`: where the experts live; by default the device Ray gave this actor."""
+        """`device`: where the experts live; by default the device Ray gave this actor. `pin_cores`: its
+        graph pins its processes (a restarted actor pins itself again)."""
         torch.set_num_threads(torch_threads)
         self.torch_threads = torch_threads
         self.index = index
@@ -48,14 +49,16 @@ class ExpertActor:
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
-        self.cores = PinnedCores(torch_threads)  # held while a compiled graph stands
+        self.cores = PinnedCores(torch_threads, self.device)  # claimed when the graph pins its processes
+        if pin_cores and ray.get_runtime_context().was_current_actor_reconstructed:
+            self.pin_to_cores()  # as the graph pinned this actor's first process
         self.busy_s = 0.0  # wall seconds spent on data-path messages (receive, compute, answer) so far
         self.messages = 0
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.torch_threads,
-                "cores": self.cores.cores,  # the cores its threads are held on; None = wherever the kernel puts them
+                "cores": self.cores.cores,  # where its threads are held; None = wherever the kernel puts them
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "busy_s": self.busy_s, "messages": self.messages,  # a round trip less this is the transport's
                 "experts": self.held(),
@@ -64,10 +67,9 @@ class ExpertActor:
     def held(self) -> dict[int, list[int]]:
         return {layer: sorted(int(e) for e in experts) for layer, experts in self.local.experts.items()}
 
-    def hold_cores(self, pinned: bool) -> list[int] | None:
-        """The compiled transport's: pins this actor's threads to cores of its own while its graph
-        stands, if it computes on the CPU (actors/cpu_affinity.py)."""
-        return self.cores.hold(pinned) if self.device.type == "cpu" else None
+    def pin_to_cores(self) -> list[int] | None:
+        """Holds this actor's threads on cores of its own if it computes on the CPU (actors/cpu_affinity.py)."""
+        return self.cores.pin()
 
     # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
     @contextmanager

@@ -53,6 +53,7 @@ class RouterSettings(BaseModel):
     cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
     dtype: ComputeDtype = Field("auto", description="dense weights and latent cache: auto = bf16 on a GPU, fp32 on CPU")
     extra_copies: int = Field(0, ge=0, description="copies of hot experts per MoE layer that `rebalance` adds")
+    pin_cores: bool = Field(False, description="its graph pins its processes (a restarted router pins itself again)")
 
 
 class RouterActor:
@@ -81,7 +82,9 @@ class RouterActor:
         self.model = DeepseekV2ForCausalLM.from_pretrained(model_dir, self.dtype, self.device, expert_ids=[])
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
-        self.cores = PinnedCores(settings.cpu_threads)  # held while a compiled graph stands
+        self.cores = PinnedCores(settings.cpu_threads, self.device)  # claimed when the graph pins its processes
+        if settings.pin_cores and ray.get_runtime_context().was_current_actor_reconstructed:
+            self.cores.pin()  # as the graph pinned this router's first process
         self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats, settings.cpu_threads)
         self.model.set_expert_backend(self.experts)
@@ -119,7 +122,7 @@ class RouterActor:
     async def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), **where_this_computes(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "torch_threads": self.settings.cpu_threads,
-                "cores": self.cores.cores,  # the cores its threads are held on; None = wherever the kernel puts them
+                "cores": self.cores.cores,  # where its threads are held; None = wherever the kernel puts them
                 "cpu_s": time.process_time(),  # CPU seconds of all its threads so far
                 "transport": self.transport_name}  # fmt: skip
 
@@ -141,6 +144,10 @@ class RouterActor:
 
     async def get_expert_actors(self) -> list:
         return self.expert_actors
+
+    async def pin_to_cores(self) -> list[int] | None:
+        """Holds this router's threads on cores of its own if it computes on the CPU (actors/cpu_affinity.py)."""
+        return self.cores.pin()
 
     async def load_stats(self) -> dict:
         """Tokens per expert, per expert actor and per node (where each actor lives now: a restarted
@@ -409,8 +416,7 @@ class RouterActor:
         transport: ExpertTransport = self.objectstore
         if name != self.objectstore.name:
             transport = TRANSPORTS[name](
-                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore,
-                router_cores=self.cores,
+                self.expert_actors, self.settings.transport_settings, self.device, fallback=self.objectstore
             )
         if current is not self.objectstore:
             current.teardown()  # an idle compiled graph busy-polls its channels: keep none that is unused

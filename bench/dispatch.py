@@ -14,15 +14,16 @@ Prints JSON lines on stdout ("kind" says which):
   live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`.
-  While the compiled graph stands, its processes are pinned to cores of their own (compiled_pin_cores;
-  `--no-pin-cores` leaves them to the kernel), and so is the router's in-process "local" row then.
+  The graph's processes are pinned to cores of their own (ClusterSpec.pin_cores; `--no-pin-cores`
+  leaves them to the kernel), so the router's in-process "local" rows run pinned too.
   A remote row's expert_busy_us_mean is the busiest expert actor's own time on a round trip's message
   (receiving, computing, answering; warm-up included), the part that is not Ray's transport;
 - "floor": Ray's own round trip under the same conditions: a caller actor (0.5 CPU, like the router) sends
-  each of k echo actors (0.5 CPU, the graph's runtime environment) a [batch, d] float32 numpy array (the
-  graph's messages on a CPU) and waits for the answers, over ordinary calls (before any compiled graph
-  stands, as in the object store's layer rows) and then over a compiled graph; nothing is computed. The
-  "layer" rows minus the local experts' time, minus this, is what moeray itself adds;
+  each of k echo actors (0.5 CPU, the graph's runtime environment, pinned as the graph is) a [batch, d]
+  float32 numpy array (the graph's messages on a CPU) and waits for the answers, over ordinary calls
+  (before any compiled graph stands, as in the object store's layer rows) and then over a compiled
+  graph; nothing is computed. The "layer" rows minus the local experts' time, minus this, is what
+  moeray itself adds;
 - "decode": tokens/s of RouterActor.generate (ray.get from the driver) per transport, and of one process
   (DeepseekV2ForCausalLM.generate in the driver, torch threads 1 and all cores, run while the graph sits
   idle on the objectstore transport), interleaved per repeat so load drift hits all alike; ratio = graph /
@@ -48,6 +49,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 
+from actors.cpu_affinity import PinnedCores
 from actors.transports.compiled import tear_down_quietly
 from bench.args import positive_ints
 from bench.readings import expert_readings
@@ -86,8 +88,14 @@ def layer_rows(router, batches: list[int], warmup: int, iters: int) -> list[dict
 
 
 # ---- Ray's floor -------------------------------------------------------------------------------------
+class Pinnable:
+    def pin_to_cores(self) -> list[int] | None:
+        """As the graph pins its processes (ClusterSpec.pin_cores)."""
+        return PinnedCores(1, torch.device("cpu")).pin()
+
+
 @ray.remote(num_cpus=0.5, runtime_env={"env_vars": GRAPH_ENV_VARS})
-class Echo:
+class Echo(Pinnable):
     """An expert actor that computes nothing: what carrying the message costs."""
 
     def forward(self, layer: int, tokens, counts: list[int]):
@@ -98,7 +106,7 @@ class Echo:
 
 
 @ray.remote(num_cpus=0.5, runtime_env={"env_vars": GRAPH_ENV_VARS})
-class EchoCaller:
+class EchoCaller(Pinnable):
     def round_trips(self, actors: list, batches: list[int], hidden: int, warmup: int,
                     iters: int) -> list[dict]:
         """Over ordinary calls first, while no compiled graph stands (its readers would spin, and the object
@@ -131,9 +139,12 @@ class EchoCaller:
         return rows
 
 
-def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int) -> list[dict]:
+def floor_rows(k: int, batches: list[int], hidden: int, warmup: int, iters: int, pin_cores: bool) -> list[dict]:
     actors, caller = [Echo.remote() for _ in range(k)], EchoCaller.remote()
     try:
+        if pin_cores:
+            for actor in [caller, *actors]:  # in the graph's order: the caller is the router
+                ray.get(actor.pin_to_cores.remote())
         rows = ray.get(caller.round_trips.remote(actors, batches, hidden, warmup, iters))
     finally:
         for actor in [*actors, caller]:
@@ -177,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, few iterations (~3 min)")
     parser.add_argument("--no-pin-cores", action="store_true",
-                        help="leave a compiled graph's processes where the kernel puts them (compiled_pin_cores=False)")
+                        help="leave the graph's processes where the kernel puts them (pin_cores=False)")
     parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="expert actor counts, e.g. 1,2,4")
     args = parser.parse_args()
     actors = args.actors
@@ -190,7 +201,7 @@ def main() -> None:
     emit(kind="config", preset="tiny", overrides=OVERRIDES, moe_layers=config.moe_layers, actors=actors,
          batches=batches, layer_warmup=warmup, layer_iters=iters, decode_new_tokens=new_tokens,
          decode_repeats=repeats, prompt_len=1, cpus_per_actor=0.5, cpu_threads_per_actor=1,
-         compiled_pin_cores=not args.no_pin_cores)  # fmt: skip
+         pin_cores=not args.no_pin_cores)  # fmt: skip
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, namespace=NAMESPACE,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})  # fmt: skip
     started = time.perf_counter()
@@ -199,11 +210,11 @@ def main() -> None:
             DeepseekV2ForCausalLM(config).init_weights(seed=0).save_pretrained(folder)
             model = DeepseekV2ForCausalLM.from_pretrained(folder)  # the one-process reference, in this driver
             for k in actors:
-                for row in floor_rows(k, batches, config.hidden_size, warmup, iters):
+                for row in floor_rows(k, batches, config.hidden_size, warmup, iters, not args.no_pin_cores):
                     emit(kind="floor", actors=k, **row)
                 spec = ClusterSpec(model=folder, name=f"bench-dispatch-{k}", expert_actors=k, cpus_per_actor=0.5,
                                    gpus_per_actor=0, compiled_idle_release_s=IDLE_RELEASE_S,
-                                   compiled_pin_cores=not args.no_pin_cores)
+                                   pin_cores=not args.no_pin_cores)
                 graph = ActorGraph.create(spec)
                 try:
                     bench_graph(graph.routers[0], k, model, batches, (warmup, iters), (new_tokens, repeats))

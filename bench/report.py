@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DISPATCH = "python -m bench.dispatch --quick"
-DISPATCH_UNPINNED = f"{DISPATCH} --no-pin-cores"  # the compiled graph's figures without pinned cores, for comparison
+DISPATCH_UNPINNED = f"{DISPATCH} --no-pin-cores"  # the graph's processes where the kernel puts them, for comparison
 TRAIN = "python -m bench.train"
+TRAIN_UNPINNED = f"{TRAIN} --set pin_cores=false"
 SFT = "python -m jobs.sft --config jobs/configs/arith-tiny.yaml"
 LONG_PROMPT = "python -m bench.long_prompt"
-COMMANDS = [DISPATCH, DISPATCH_UNPINNED, TRAIN, SFT, LONG_PROMPT]  # the table's order
+COMMANDS = [DISPATCH, DISPATCH_UNPINNED, TRAIN, TRAIN_UNPINNED, SFT, LONG_PROMPT]  # the table's order
 
 
 class NotABenchOutput(ValueError):
@@ -153,14 +154,13 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
         return found[0] if found else None
 
     context = rows("context")[0]
-    compiled, compiled_command = "compiled graph", DISPATCH
-    if any(r.get("compiled_pin_cores") is False for r in rows("config")):  # a run for comparison: its own figures
-        compiled, compiled_command = "compiled graph, cores not pinned", DISPATCH_UNPINNED
+    unpinned = any(r.get("pin_cores") is False for r in rows("config"))  # a run for comparison: its own figures
+    command, pinning = (DISPATCH_UNPINNED, ", cores not pinned") if unpinned else (DISPATCH, "")
     report.cores.add(context["cores"])
     report.load(context.get("loadavg_start"), *(r.get("loadavg_end") for r in rows("done")))
-    paths = {"objectstore": ("object store", DISPATCH), "compiled": (compiled, compiled_command)}
+    labels = {"objectstore": f"object store{pinning}", "compiled": f"compiled graph{pinning}"}
     for actors, transport, goal in ((2, "objectstore", AT_MOST_2_5_MS), (1, "compiled", AT_MOST_1_MS)):
-        label, command = paths[transport]
+        label = labels[transport]
         layer = {"kind": "layer", "actors": actors, "transport_alive": transport, "batch": 1}
         remote, local = ms(**layer, backend=transport), ms(**layer, backend="local")
         beside = {"Ray's floor": ms("floor", actors=actors, transport=transport, batch=1),
@@ -172,7 +172,7 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
     decode = [r for r in rows("decode") if r["actors"] == 2 and r["batch"] == 8]
     best_one_process = max((r["tok_s"] for r in decode if r["backend"].startswith("one_process")), default=None)
     for transport in ("compiled", "objectstore"):
-        label, command = paths[transport]
+        label = labels[transport]
         for r in decode:
             if r["backend"] == transport and best_one_process:
                 beside = {"a token": r["step_ms"], "the first generate after the setup, a token": r.get("first_step_ms")}
@@ -180,7 +180,7 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
                            r["tok_s"] / best_one_process, AT_LEAST_0_6,
                            {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
     for r in rows("idle"):
-        report.add(f"an idle {compiled}, {expert_actors(r['actors'])}: cores per actor while it stands", compiled_command,
+        report.add(f"an idle {labels['compiled']}, {expert_actors(r['actors'])}: cores per actor while it stands", command,
                    "cores", statistics.mean(r["held_cores_per_actor"]),
                    context={"once released": ("cores", statistics.mean(r["released_cores_per_actor"])),
                             "released after its last use": ("s", r["released_after_s"])})  # fmt: skip
@@ -202,8 +202,9 @@ def add_train(report: Report, records: list[dict]) -> None:
     beside = {"graph step": 1e3 * graph["step_s"], "one process": 1e3 * best["step_s"],
               "the graph's waiting for its experts": phases.get("expert_wait"),
               "the busiest expert actor's own time": phases.get("expert_busy")}  # fmt: skip
-    report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])} ÷ the best one-process run",
-               TRAIN, "×", result["ratio_graph_vs_one_process"], goal,
+    command, pinning = (TRAIN_UNPINNED, ", cores not pinned") if graph.get("pin_cores") is False else (TRAIN, "")
+    report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])}{pinning} ÷ the best one-process run",
+               command, "×", result["ratio_graph_vs_one_process"], goal,
                {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
 
 

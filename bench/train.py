@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         graph = GraphTrainer(graph_config, folder, name="bench-train")
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
-                         "router_cpu_threads": graph_config.router_cpu_threads, **common}, graph, 1,
+                         "router_cpu_threads": graph_config.router_cpu_threads, "pin_cores": graph_config.pin_cores,
+                         **common}, graph, 1,
                         graph.experts))  # fmt: skip
         try:
             for run in runs:

@@ -115,7 +115,9 @@ class ActorGraph:
 
     @staticmethod
     def _start_actors(spec: ClusterSpec, group: PlacementGroup, bundle: dict, placement: Placement) -> tuple[list, list]:
-        """Expert actors first (routers take their handles), each in its bundle of the group."""
+        """Expert actors first (routers take their handles), each in its bundle of the group. With
+        `pin_cores` each is then pinned in turn, routers first: on a node with fewer cores than the graph
+        has processes, a router shares its core with the expert actors pinned last."""
         def options(name: str, bundle_index: int, resources: dict) -> dict:
             return dict(
                 name=name,
@@ -137,7 +139,8 @@ class ActorGraph:
         experts = [
             ray.remote(ExpertActor)
             .options(**options(expert_name(spec.name, i), i, bundle))
-            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor, spec.dtype)
+            .remote(spec.model, i, placement.experts_of(i), spec.cpu_threads_per_actor, spec.dtype,
+                    pin_cores=spec.pin_cores)
             for i in range(spec.expert_actors)
         ]
         ray.get([e.ready.remote() for e in experts], timeout=READY_TIMEOUT_S)
@@ -149,6 +152,9 @@ class ActorGraph:
             for r in range(spec.routers)
         ]
         ray.get([r.ready.remote() for r in routers], timeout=READY_TIMEOUT_S)
+        if spec.pin_cores:
+            for actor in [*routers, *experts]:  # one at a time, so that the claims come in this order
+                ray.get(actor.pin_to_cores.remote(), timeout=READY_TIMEOUT_S)
         return experts, routers
 
     def init_data_parallel(self) -> None:

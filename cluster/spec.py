@@ -26,6 +26,11 @@ class GraphShape(BaseModel):
         None, ge=1, description="torch threads of each router on CPU (it does all the dense work: give it more "
         "on a node with cores to spare; it keeps 1 while its expert actors work); None = cpu_threads_per_actor",
     )
+    pin_cores: bool = Field(
+        True, description="each router and expert actor computing on the CPU keeps its threads on as many cores of its "
+        "own as it has torch threads, the ones its machine's other moeray processes hold least (actors/cpu_affinity.py): "
+        "a hand-over then wakes no thread on another core; False = the kernel places them",
+    )
 
 
 class TransportChoice(BaseModel):
@@ -38,11 +43,6 @@ class TransportChoice(BaseModel):
     compiled_idle_release_s: float | None = Field(
         10.0, gt=0, description="a compiled graph unused this long is torn down (its actors' channel readers spin a "
         "core each while it stands) and compiled again by the next step; None = keep it",
-    )
-    compiled_pin_cores: bool = Field(
-        True, description="while a compiled graph stands, its router and expert actors computing on the CPU keep "
-        "their threads on cores of their own (each hand-over then wakes no thread on another core); False = the kernel "
-        "places them",
     )
 
 
@@ -74,10 +74,10 @@ class ClusterSpec(GraphShape, TransportChoice):
         return RouterSettings(
             transport=self.transport,
             transport_settings=TransportSettings(
-                timeout_s=self.compiled_timeout_s, idle_release_s=self.compiled_idle_release_s,
-                pin_cores=self.compiled_pin_cores,
+                timeout_s=self.compiled_timeout_s, idle_release_s=self.compiled_idle_release_s
             ),
             cpu_threads=self.router_cpu_threads or self.cpu_threads_per_actor,
             dtype=self.dtype,
             extra_copies=self.extra_copies,
+            pin_cores=self.pin_cores,
         )

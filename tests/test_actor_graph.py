@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pytest
 import ray
@@ -58,11 +57,10 @@ def held_cores(graph: ActorGraph) -> list[list[int] | None]:
 
 
 def assert_pinned_apart(cores: list[list[int] | None], threads: list[int]) -> None:
-    """Every process on as many cores as it has threads, the graph's claims spread over the machine's cores."""
+    """Every process on as many cores as it has threads, and the graph on as many distinct cores as the
+    machine lets it (the other graphs a test module keeps running claim cores evenly too)."""
     assert [len(c or []) for c in cores] == threads
-    held = Counter(core for process in cores for core in process)
-    per_core = [held[core] for core in os.sched_getaffinity(0)]
-    assert max(per_core) - min(per_core) <= 1, held
+    assert len({core for process in cores for core in process}) == min(len(os.sched_getaffinity(0)), sum(threads))
 
 
 @pytest.mark.parametrize(
@@ -75,23 +73,23 @@ def test_same_greedy_tokens_for_every_actor_count_and_transport(
     folder = tiny_checkpoints[config_name]
     expected = reference_tokens(folder)
     graph = make_graph(folder, f"same-{config_name}-{expert_actors}", expert_actors, router_cpu_threads=router_threads,
-                       compiled_pin_cores=pin_cores)  # fmt: skip
+                       pin_cores=pin_cores)  # fmt: skip
     try:
         router = graph.routers[0]
         threads = [ray.get(actor.ready.remote())["torch_threads"] for actor in [router, *graph.experts]]
         assert threads == [router_threads or 1] + [1] * expert_actors
+        cores = held_cores(graph)
+        if pin_cores:
+            assert_pinned_apart(cores, threads)
+        else:
+            assert cores == [None] * len(threads)
         assert generate(graph) == expected
-        assert held_cores(graph) == [None] * len(threads)
         assert ray.get(router.set_transport.remote("compiled")) == "compiled"
         assert generate(graph) == expected
-        if pin_cores:
-            assert_pinned_apart(held_cores(graph), threads)
-        else:
-            assert held_cores(graph) == [None] * len(threads)
+        assert held_cores(graph) == cores
         stats = ray.get(router.load_stats.remote())
         assert stats["transport"] == "compiled"
         ray.get(router.set_transport.remote("objectstore"))
-        assert held_cores(graph) == [None] * len(threads)
     finally:
         graph.teardown()
     for layer in stats["layers"].values():
@@ -288,9 +286,7 @@ def test_an_idle_compiled_graph_is_released_and_compiled_again(ray_cluster, tiny
             assert time.monotonic() < deadline, "the idle compiled graph was never released"
             time.sleep(0.2)
         assert max(expert_cpu_seconds_over(1.0)) < 0.3  # a spinning reader takes most of a core
-        assert held_cores(graph) == [None] * 3  # and its processes go back to every core
         assert generate(graph) == expected
-        assert_pinned_apart(held_cores(graph), [1, 1, 1])
         description = ray.get(router.describe.remote())
         assert (description["transport"], description["transport_released"]) == ("compiled", False)
         assert description["transport_failures"] == 0

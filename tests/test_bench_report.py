@@ -24,7 +24,7 @@ def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load:
     decode[-1]["first_step_ms"] = 25.0  # a freshly compiled graph's first generate
     return write_lines(path, [
         {"kind": "context", "cores": 2, "loadavg_start": [load, 1.0, 1.0]},
-        {"kind": "config", "compiled_pin_cores": pin_cores},
+        {"kind": "config", "pin_cores": pin_cores},
         {"kind": "floor", "actors": 2, "transport": "objectstore", "batch": 1, "median_us": 1500.0},
         {**layer, "actors": 2, "transport_alive": "objectstore", "backend": "local", "median_us": 800.0},
         {**layer, "actors": 2, "transport_alive": "objectstore", "backend": "objectstore", "median_us": objectstore_us,
@@ -38,11 +38,11 @@ def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load:
     ])  # fmt: skip
 
 
-def train_output(path: Path, routers: int, graph_step_s: float) -> Path:
+def train_output(path: Path, routers: int, graph_step_s: float, pin_cores: bool = True) -> Path:
     one_process = [{"mode": "one_process", "torch_threads": t, "tokens_per_s": 1280 / s, "step_s": s}
                    for t, s in ((1, 0.130), (2, 0.100))]  # fmt: skip
     graph = {"mode": "actor_graph", "routers": routers, "expert_actors": 2, "tokens_per_s": 1280 / graph_step_s,
-             "step_s": graph_step_s, "phase_ms": {"expert_wait": 40.0, "expert_busy": 25.0}}  # fmt: skip
+             "step_s": graph_step_s, "phase_ms": {"expert_wait": 40.0, "expert_busy": 25.0}, "pin_cores": pin_cores}  # fmt: skip
     ratio = {"ratio_graph_vs_one_process": round(0.100 / graph_step_s, 3), "cores": 2, "load_average": [1.5, 1.0, 1.0]}
     return write_lines(path, [*one_process, graph, ratio])
 
@@ -85,19 +85,25 @@ def test_each_goal_gets_its_range_over_the_runs_and_how_many_runs_met_it(tmp_pat
     assert table.endswith("Cores: 2; the 1-minute load average the runs recorded: 0.7–2.5.")
 
 
-def test_a_run_without_pinned_cores_gets_compiled_figures_of_its_own(tmp_path):
+def test_runs_without_pinned_cores_get_figures_of_their_own(tmp_path):
     report = build([
         dispatch_output(tmp_path / "pinned.jsonl", objectstore_us=3000.0, compiled_us=1500.0, load=1.0),
         dispatch_output(tmp_path / "not.jsonl", objectstore_us=3400.0, compiled_us=1900.0, load=1.0, pin_cores=False),
+        train_output(tmp_path / "t1.jsonl", routers=1, graph_step_s=0.125),
+        train_output(tmp_path / "t2.jsonl", routers=1, graph_step_s=0.200, pin_cores=False),
     ])  # fmt: skip
     figures = report.figures
     assert figures["MoE layer, batch 1, above one process: compiled graph, 1 expert actor"].values == [0.7]
-    unpinned = figures["MoE layer, batch 1, above one process: compiled graph, cores not pinned, 1 expert actor"]
-    assert unpinned.values == [1.1] and unpinned.command == "python -m bench.dispatch --quick --no-pin-cores"
+    assert figures["MoE layer, batch 1, above one process: object store, 2 expert actors"].values == [2.2]
+    unpinned = figures["MoE layer, batch 1, above one process: object store, cores not pinned, 2 expert actors"]
+    assert unpinned.values == [2.6] and unpinned.command == "python -m bench.dispatch --quick --no-pin-cores"
     assert "decode, batch 8, 2 expert actors, ÷ the best one-process run: compiled graph, cores not pinned" in figures
-    assert figures["MoE layer, batch 1, above one process: object store, 2 expert actors"].values == [2.2, 2.6]
+    assert figures["training tokens/s, 1 router + 2 expert actors ÷ the best one-process run"].values == [0.8]
+    training = figures["training tokens/s, 1 router + 2 expert actors, cores not pinned ÷ the best one-process run"]
+    assert training.values == [0.5] and training.command == "python -m bench.train --set pin_cores=false"
     table = report.markdown()
     assert table.index("compiled graph, 1 expert actor") < table.index("compiled graph, cores not pinned, 1 expert")
+    assert table.index("cores not pinned, 1 expert") < table.index("training tokens/s, 1 router + 2 expert actors ÷")
 
 
 def test_the_sft_row_takes_the_jobs_wall_time_and_its_held_out_score(tmp_path):

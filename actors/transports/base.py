@@ -9,8 +9,6 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
-from ..cpu_affinity import PinnedCores
-
 Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over all routed experts)
 
 
@@ -24,10 +22,6 @@ class TransportSettings(BaseModel):
     idle_release_s: float | None = Field(
         10.0, gt=0, description="a transport whose actors spin while it stands (the compiled graph) lets go after "
         "this long without a layer, and the next layer builds it again; None = never",
-    )
-    pin_cores: bool = Field(
-        True, description="while a transport whose processes hand over by spinning (the compiled graph) stands, the "
-        "router and expert actors computing on the CPU keep their threads on cores of their own (actors/cpu_affinity.py)",
     )
 
 
@@ -69,13 +63,10 @@ class ExpertTransport(ABC):
             TRANSPORTS[cls.name] = cls
 
     def __init__(
-        self, actors: list, settings: TransportSettings, device: torch.device, fallback: "ExpertTransport | None" = None,
-        router_cores: PinnedCores | None = None,
-    ):  # fmt: skip
-        """`device`: the router's; replies are handed back on it. `router_cores`: the router process's
-        claim on cores, for a transport that pins its processes."""
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: "ExpertTransport | None" = None
+    ):
+        """`device`: the router's; replies are handed back on it."""
         self.actors, self.settings, self.device, self.fallback = actors, settings, device, fallback
-        self.router_cores = router_cores
 
     @abstractmethod
     def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:

@@ -15,7 +15,6 @@ import time
 import ray
 import torch
 
-from ..cpu_affinity import PinnedCores
 from ..devices import on_distinct_gpus, where_this_computes
 from ..wire import from_wire, to_wire
 from .base import ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
@@ -56,12 +55,11 @@ class CompiledGraphTransport(ExpertTransport):
     name = "compiled"
 
     def __init__(
-        self, actors: list, settings: TransportSettings, device: torch.device, fallback: ExpertTransport | None = None,
-        router_cores: PinnedCores | None = None,
-    ):  # fmt: skip
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: ExpertTransport | None = None
+    ):
         if fallback is None:
             raise ValueError("the compiled transport needs the object store as its fallback")
-        super().__init__(actors, settings, device, fallback, router_cores)
+        super().__init__(actors, settings, device, fallback)
         self.graph = None
         self.nccl = self._nccl_between_actors()
         self._failures = 0
@@ -77,7 +75,6 @@ class CompiledGraphTransport(ExpertTransport):
         context = DAGContext.get_current()  # Ray's 10 s defaults are too tight for a busy 2-core node
         context.get_timeout = context.submit_timeout = self.settings.timeout_s
 
-        self._hold_cores(True)  # first: the graph's threads start on the cores
         with InputNode() as inputs:
             outputs = []
             for i, actor in enumerate(self.actors):
@@ -98,22 +95,6 @@ class CompiledGraphTransport(ExpertTransport):
             return True
         logger.info("compiled graph: actors share a GPU, so tensors travel through host shared memory")
         return False
-
-    def _hold_cores(self, pinned: bool) -> None:
-        """Pins (or lets go of) the cores of every process of the graph that computes on the CPU
-        (actors/cpu_affinity.py), where hand-overs go through host shared memory; NCCL's are left alone."""
-        if not self.settings.pin_cores or self.nccl:
-            return
-        if self.router_cores is not None and self.device.type == "cpu":
-            self.router_cores.hold(pinned)
-        held = [actor.hold_cores.remote(pinned) for actor in self.actors]
-        if pinned:
-            ray.get(held, timeout=self.settings.timeout_s)
-            return
-        try:
-            ray.get(held, timeout=self.settings.timeout_s)
-        except ray.exceptions.RayError as error:  # an actor that died took its claim with it
-            logger.info("an expert actor did not let go of its cores (%s)", error)
 
     @property
     def healthy(self) -> bool:
@@ -189,4 +170,3 @@ class CompiledGraphTransport(ExpertTransport):
         if self.graph is not None:
             tear_down_quietly(self.graph)
             self.graph = None
-            self._hold_cores(False)
