@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
+import ray
 import torch
 
 CLAIMS_FILE = Path(tempfile.gettempdir()) / f"moeray-core-claims-{os.getuid()}.json"  # one per user: it is writable
@@ -89,3 +91,11 @@ class PinnedCores:
             return self.cores
         self.cores = cores
         return cores
+
+    def pin_if_restarted(self) -> None:
+        """An actor that Ray restarted pins its new process, as `ActorGraph.create` pinned the first."""
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated `actor_id`
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
+            self.pin()

@@ -50,8 +50,8 @@ class ExpertActor:
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
         self.cores = PinnedCores(torch_threads, self.device)  # claimed when the graph pins its processes
-        if pin_cores and ray.get_runtime_context().was_current_actor_reconstructed:
-            self.pin_to_cores()  # as the graph pinned this actor's first process
+        if pin_cores:
+            self.cores.pin_if_restarted()
         self.busy_s = 0.0  # wall seconds spent on data-path messages (receive, compute, answer) so far
         self.messages = 0
 

@@ -83,8 +83,8 @@ class RouterActor:
         config = self.model.config
         self.stats = LoadStats(config.moe_layers, config.n_routed_experts, len(self.expert_actors))
         self.cores = PinnedCores(settings.cpu_threads, self.device)  # claimed when the graph pins its processes
-        if settings.pin_cores and ray.get_runtime_context().was_current_actor_reconstructed:
-            self.cores.pin()  # as the graph pinned this router's first process
+        if settings.pin_cores:
+            self.cores.pin_if_restarted()
         self.objectstore = ObjectStoreTransport(self.expert_actors, settings.transport_settings, self.device)
         self.experts = RemoteExperts(self.objectstore, placement, self.stats, settings.cpu_threads)
         self.model.set_expert_backend(self.experts)
