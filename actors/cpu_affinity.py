@@ -23,6 +23,7 @@ import ray
 import torch
 
 CLAIMS_FILE = Path(tempfile.gettempdir()) / f"moeray-core-claims-{os.getuid()}.json"  # one per user: it is writable
+CAN_PIN = hasattr(os, "sched_setaffinity")  # Linux; not macOS
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,16 @@ def _set_every_thread(cores: list[int]) -> None:
 
 class PinnedCores:
     """This process's claim on `count` cores (its torch threads'), when it computes on the CPU: a GPU's
-    process is left where it is, and so is any process where the OS cannot pin (not Linux)."""
+    process is left where it is, and so is any process where the OS cannot pin (`CAN_PIN`)."""
 
     def __init__(self, count: int, device: torch.device, claims_file: Path = CLAIMS_FILE):
         self.count, self.device, self.claims_file = count, device, claims_file
         self.cores: list[int] | None = None
-        self.allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # before any pin
+        self.allowed = sorted(os.sched_getaffinity(0)) if CAN_PIN else []  # before any pin
 
     def pin(self) -> list[int] | None:
         """Claims the cores and moves every thread of this process onto them; the cores, or None."""
-        if self.device.type != "cpu" or not hasattr(os, "sched_setaffinity"):
+        if self.device.type != "cpu" or not CAN_PIN:
             return None
         try:
             cores = _claim(self.claims_file, os.getpid(), self.count, self.allowed)
