@@ -7,9 +7,10 @@ when the placement changes.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import ray
@@ -24,11 +25,35 @@ from model.training import AdamWSettings, NamedAdamW, ReferenceWeights, autocast
 from .cpu_affinity import PinnedCores
 from .devices import ComputeDtype, actor_device, compute_dtype, where_this_computes
 from .shared_memory import SharedFiles, SharedTensor
+from .transports.unix_socket import SocketAddress, SocketServer
 from .wire import Wire, WireTensor, from_wire, to_wire
 
 
 IDLE_REPLY = torch.zeros(1)
+DATA_PATH = ("forward", "forward_train", "backward")  # what a socket message may call
+UNLOCKED = ("ready", "held", "pin_to_cores", "open_socket")  # they touch no expert
 
+
+def _one_at_a_time(cls: type) -> type:
+    """Ray runs an actor's calls one at a time on its main thread; the socket transport's messages run
+    on threads of their own (actors/transports/unix_socket.py). Every method that touches the experts
+    holds the actor's lock, so that neither kind sees the experts half-changed by the other."""
+
+    def locked(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def holding_lock(self, *args, **kwargs):
+            with self.socket.lock:
+                return method(self, *args, **kwargs)
+
+        return holding_lock
+
+    for name, attribute in list(vars(cls).items()):
+        if callable(attribute) and not name.startswith("_") and name not in UNLOCKED:
+            setattr(cls, name, locked(attribute))
+    return cls
+
+
+@_one_at_a_time
 
 class ExpertActor:
     def __init__(
@@ -49,6 +74,7 @@ class ExpertActor:
         self.train_dtype = "float32"  # autocast of training forwards; set by configure_training
         self.reference: ReferenceWeights | None = None  # set by configure_reference (GRPO with β > 0)
         self.shared = SharedFiles()  # the routers' shared-memory files of this node
+        self.socket = SocketServer(self._socket_message, torch_threads)
         self.cores = PinnedCores(torch_threads, self.device)  # claimed when the graph pins its processes
         if pin_cores:
             self.cores.pin_if_restarted()
@@ -71,7 +97,17 @@ class ExpertActor:
         """Holds this actor's threads on cores of its own if it computes on the CPU (actors/cpu_affinity.py)."""
         return self.cores.pin()
 
-    # ---- the data path (object store: numpy on the wire; compiled graph: tensors in shared memory) ---
+    def open_socket(self) -> SocketAddress:
+        """Where routers of this node send their messages over a Unix socket (the socket transport)."""
+        return self.socket.open()
+
+    def _socket_message(self, method: str, before: tuple, wire: Wire, after: tuple) -> tuple[Wire, int | None]:
+        if method not in DATA_PATH:
+            raise ValueError(f"{method!r} is not a data-path method")
+        return getattr(self, method)(*before, wire, *after)
+
+    # ---- the data path (object store and socket: numpy on the wire or shared memory; compiled graph:
+    # tensors in shared memory) -----------------------------------------------------------------------
     @contextmanager
     def _busy(self) -> Iterator[None]:
         started = time.perf_counter()

@@ -44,11 +44,11 @@ from .load_stats import LoadStats
 from .placement import Placement
 from .sequences import CacheNotAllocated, CacheShape, SequenceTable, StepRequest
 from .transports import TRANSPORTS, ExpertTransport, RemoteExperts, TransportSettings
-from .transports.objectstore import ObjectStoreTransport
+from .transports.objectstore import MESSAGE_ROUTES, ObjectStoreTransport
 
 
 class RouterSettings(BaseModel):
-    transport: str = "objectstore"
+    transport: str = "socket"
     transport_settings: TransportSettings = TransportSettings()
     cpu_threads: int = Field(1, ge=1, description="torch threads of the step thread")
     dtype: ComputeDtype = Field("auto", description="dense weights and latent cache: auto = bf16 on a GPU, fp32 on CPU")
@@ -139,7 +139,7 @@ class RouterActor:
             "transport_healthy": transport.healthy,
             "transport_released": transport.released,
             "transport_failures": transport.failures,
-            "messages": {"shared_memory": 0, "inline": 0, **self.objectstore.sent},  # the object store's
+            "messages": {route: 0 for route in MESSAGE_ROUTES} | dict(self.objectstore.sent),
         }
 
     async def get_expert_actors(self) -> list:

@@ -21,7 +21,7 @@ import math
 import mmap
 import os
 import uuid
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import ray
 import torch
@@ -91,13 +91,13 @@ class SharedLink:
         self.buffer: mmap.mmap | None = None
         self.capacity = 0
         self.busy = False  # a message is out and its answer not yet read
-        self.call: ray.ObjectRef | None = None  # the call that carries it (see `carried_by`)
+        self.answered: Callable[[], bool] | None = None  # whether the message's call is done (`carried_by`)
         self.enabled = os.path.isdir(SHM_DIR)
 
     def send(self, tensor: Tensor) -> SharedTensor | None:
         """Write `tensor` into the file; None when it should travel inline instead."""
         size = tensor.numel() * tensor.element_size()
-        if self.busy and self.call is not None and ray.wait([self.call], timeout=0)[0]:
+        if self.busy and self.answered is not None and self.answered():
             self.busy = False  # its answer was never read (the step failed in between), but it is done
         if not self.enabled or self.busy or not MIN_BYTES <= size <= MAX_BYTES:
             return None
@@ -105,13 +105,13 @@ class SharedLink:
             return None
         tensor = tensor.detach().to("cpu").contiguous()
         _view(self.buffer, 0, tuple(tensor.shape), _dtype_name(tensor)).copy_(tensor)
-        self.busy, self.call = True, None
+        self.busy, self.answered = True, None
         return SharedTensor(self.path, self.sender, self.node_id, 0, tuple(tensor.shape), _dtype_name(tensor))
 
-    def carried_by(self, call: ray.ObjectRef) -> None:
-        """The call that took the last message: once it is done the file is free again, even if its
-        answer is never read."""
-        self.call = call
+    def carried_by(self, answered: Callable[[], bool]) -> None:
+        """Whether the call that took the last message is done: then the file is free again, even if
+        its answer is never read."""
+        self.answered = answered
 
     def answer(self, reply: SharedTensor) -> Tensor:
         """The actor's answer, a view into the file: read it before the next message to this actor."""

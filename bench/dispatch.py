@@ -11,7 +11,7 @@ Prints JSON lines on stdout ("kind" says which):
   its event-loop hop): tokens x [batch, d] routed by the model's (random) gate
   and grouped by expert as DeepseekMoE.dispatch does, then `backend.submit(...).result()` is timed for the
   in-process LocalExperts (all experts of the layer, built in the router) and for RemoteExperts over the
-  live transport (objectstore, then compiled), round-robin per iteration. `transport_alive` says which
+  live transport (objectstore, socket, then compiled), round-robin per iteration. `transport_alive` says which
   transport was live (a compiled graph busy-polls: it slows everything else on a small node); setup_s is
   set_transport's time (the compile). The router measures it itself: `RouterActor.profile_dispatch`.
   The graph's processes are pinned to cores of their own (ClusterSpec.pin_cores; `--no-pin-cores`
@@ -68,6 +68,7 @@ OVERRIDES = {  # tiny attention; experts big enough that their compute shows at 
 # generates of 24 tokens took 19.8-21.6, 13.4-17.8, 11.4-16.1, then 9.6-13.6 ms a token (3 graphs).
 LAYER_WARMUP = 50  # round trips before the timed ones, on every path (the floor's included)
 DECODE_WARMUP = 4  # generates before the timed one, on every path
+TRANSPORTS = ("objectstore", "socket", "compiled")
 IDLE_RELEASE_S = 4.0  # compiled_idle_release_s of the bench's graphs
 IDLE_WINDOW_S = 1.5  # how long the idle CPU use is measured
 
@@ -227,7 +228,7 @@ def main() -> None:
 
 def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, decode_iters: tuple) -> None:
     experts = ray.get(router.get_expert_actors.remote())
-    for transport in ("objectstore", "compiled"):
+    for transport in TRANSPORTS:  # the compiled graph last: its readers spin while it stands
         start = time.perf_counter()
         assert ray.get(router.set_transport.remote(transport)) == transport
         setup_s = round(time.perf_counter() - start, 2)
@@ -247,7 +248,7 @@ def bench_graph(router, k: int, model, batches: list[int], layer_iters: tuple, d
         return ray.get(router.generate.remote(prompts, n))
 
     runs = {f"one_process_{t}t": (use("objectstore", t), model.generate) for t in sorted({1, os.cpu_count()})}
-    runs |= {t: (use(t), on_graph) for t in ("objectstore", "compiled")}
+    runs |= {t: (use(t), on_graph) for t in TRANSPORTS}
     for batch in batches:
         result = decode_interleaved(runs, batch, *decode_iters, model.config.vocab_size)
         for name, row in result.items():

@@ -26,9 +26,10 @@ DISPATCH = "python -m bench.dispatch --quick"
 DISPATCH_UNPINNED = f"{DISPATCH} --no-pin-cores"  # the graph's processes where the kernel puts them, for comparison
 TRAIN = "python -m bench.train"
 TRAIN_UNPINNED = f"{TRAIN} --set pin_cores=false"
+TRAIN_OBJECTSTORE = f"{TRAIN} --set transport=objectstore"  # the transport before the socket one, for comparison
 SFT = "python -m jobs.sft --config jobs/configs/arith-tiny.yaml"
 LONG_PROMPT = "python -m bench.long_prompt"
-COMMANDS = [DISPATCH, DISPATCH_UNPINNED, TRAIN, TRAIN_UNPINNED, SFT, LONG_PROMPT]  # the table's order
+COMMANDS = [DISPATCH, DISPATCH_UNPINNED, TRAIN, TRAIN_OBJECTSTORE, TRAIN_UNPINNED, SFT, LONG_PROMPT]  # the table's order
 
 
 class NotABenchOutput(ValueError):
@@ -108,7 +109,7 @@ class Report:
 
     def markdown(self) -> str:
         lines = ["| figure | command | goal | measured | |", "|---|---|---|---|---|"]
-        for figure in sorted(self.figures.values(), key=lambda figure: COMMANDS.index(figure.command)):
+        for figure in sorted(self.figures.values(), key=lambda f: COMMANDS.index(f.command) if f.command in COMMANDS else len(COMMANDS)):
             goal = figure.goal.text if figure.goal else ""
             lines.append(f"| {figure.name} | `{figure.command}` | {goal} | {figure.measured()} | {figure.status()} |")
         cores = "/".join(str(c) for c in sorted(self.cores)) or "unknown"
@@ -158,8 +159,8 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
     command, pinning = (DISPATCH_UNPINNED, ", cores not pinned") if unpinned else (DISPATCH, "")
     report.cores.add(context["cores"])
     report.load(context.get("loadavg_start"), *(r.get("loadavg_end") for r in rows("done")))
-    labels = {"objectstore": f"object store{pinning}", "compiled": f"compiled graph{pinning}"}
-    for actors, transport, goal in ((2, "objectstore", AT_MOST_2_5_MS), (1, "compiled", AT_MOST_1_MS)):
+    labels = {"objectstore": f"object store{pinning}", "socket": f"socket{pinning}", "compiled": f"compiled graph{pinning}"}
+    for actors, transport, goal in ((2, "objectstore", AT_MOST_2_5_MS), (2, "socket", None), (1, "compiled", AT_MOST_1_MS)):
         label = labels[transport]
         layer = {"kind": "layer", "actors": actors, "transport_alive": transport, "batch": 1}
         remote, local = ms(**layer, backend=transport), ms(**layer, backend="local")
@@ -171,7 +172,7 @@ def add_dispatch(report: Report, records: list[dict]) -> None:
                        remote - local, goal, {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
     decode = [r for r in rows("decode") if r["actors"] == 2 and r["batch"] == 8]
     best_one_process = max((r["tok_s"] for r in decode if r["backend"].startswith("one_process")), default=None)
-    for transport in ("compiled", "objectstore"):
+    for transport in ("socket", "compiled", "objectstore"):
         label = labels[transport]
         for r in decode:
             if r["backend"] == transport and best_one_process:
@@ -202,8 +203,13 @@ def add_train(report: Report, records: list[dict]) -> None:
     beside = {"graph step": 1e3 * graph["step_s"], "one process": 1e3 * best["step_s"],
               "the graph's waiting for its experts": phases.get("expert_wait"),
               "the busiest expert actor's own time": phases.get("expert_busy")}  # fmt: skip
-    command, pinning = (TRAIN_UNPINNED, ", cores not pinned") if graph.get("pin_cores") is False else (TRAIN, "")
-    report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])}{pinning} ÷ the best one-process run",
+    # Runs for comparison get figures of their own, with the command that repeats them. Outputs from before
+    # the socket transport (no "transport") ran on the object store.
+    settings = [(TRAIN_OBJECTSTORE, ", object store")] if graph.get("transport", "objectstore") == "objectstore" else []
+    settings += [(TRAIN_UNPINNED, ", cores not pinned")] if graph.get("pin_cores") is False else []
+    command = TRAIN + "".join(setting.removeprefix(TRAIN) for setting, _ in settings)
+    label = "".join(text for _, text in settings)
+    report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])}{label} ÷ the best one-process run",
                command, "×", result["ratio_graph_vs_one_process"], goal,
                {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
 

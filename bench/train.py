@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(Run({"mode": "actor_graph", "expert_actors": args.expert_actors, "routers": args.routers,
                          "cpu_threads_per_actor": graph_config.cpu_threads_per_actor,
                          "router_cpu_threads": graph_config.router_cpu_threads, "pin_cores": graph_config.pin_cores,
+                         "transport": graph_config.transport,
                          **common}, graph, 1,
                         graph.experts))  # fmt: skip
         try:

@@ -103,7 +103,8 @@ def generate_on_graph(
     from cluster.graph import ActorGraph
     from cluster.spec import ClusterSpec
 
-    spec = ClusterSpec(model=str(directory), name="moeray-cli", expert_actors=args.expert_actors, transport=args.transport)
+    chosen = {"transport": args.transport} if args.transport else {}
+    spec = ClusterSpec(model=str(directory), name="moeray-cli", expert_actors=args.expert_actors, **chosen)
     graph = ActorGraph.create(spec)
     try:
         router = graph.routers[0]
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="encode --prompt as is, without the chat template")
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--expert-actors", type=int, default=0, help="0 = one process, no Ray")
-    gen.add_argument("--transport", choices=transport_names(), default="objectstore")
+    gen.add_argument("--transport", choices=transport_names(), help="default: ClusterSpec's (socket)")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

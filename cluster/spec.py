@@ -36,7 +36,11 @@ class GraphShape(BaseModel):
 class TransportChoice(BaseModel):
     """How the routers reach the expert actors (the serving app's arguments take these fields too)."""
 
-    transport: TransportName = Field("objectstore", description="a registered transport (actors/transports)")
+    transport: TransportName = Field(
+        "socket", description="a registered transport (actors/transports): socket (Unix sockets to the expert actors of "
+        "the router's node, the object store to others), objectstore (ordinary actor calls) or compiled (a Ray "
+        "Compiled Graph, inference only)",
+    )
     compiled_timeout_s: float = Field(
         30.0, gt=0, description="compiled-graph submit/get timeout; past it the router falls back to the object store"
     )

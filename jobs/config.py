@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.spec import GraphShape
+from cluster.spec import GraphShape, TransportChoice
 from model.training import AdamWSettings
 
 from .data import ArithConfig, DataConfig
@@ -86,7 +86,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 8
 
 
-class RunConfig(GraphShape):
+class RunConfig(GraphShape, TransportChoice):
     """What every training job on the actor graph shares: the model to start from, the optimizer and
     its schedule, the graph's shape, checkpoints and logs. TrainConfig (SFT) and GRPOConfig add theirs."""
 
@@ -103,7 +103,7 @@ class RunConfig(GraphShape):
     grad_clip: float | None = Field(1.0, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
-    # The actor graph (GraphShape's fields). expert_actors = 0 trains in this one process, without Ray.
+    # The actor graph (GraphShape's and TransportChoice's fields). expert_actors = 0 trains in this one process, without Ray.
     expert_actors: int = Field(2, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the driver (one-process training)")
     # Checkpoints, logs, export.

@@ -53,7 +53,7 @@ def tokens_across_nodes(model_dir: str, expected: list[list[int]]) -> dict:
     router = graph.routers[0]
     report = {}
     try:
-        for transport in ("objectstore", "compiled"):
+        for transport in ("objectstore", "socket", "compiled"):  # socket: no actor on the router's node: all fall back
             ray.get(router.set_transport.remote(transport))
             ray.get(router.reset_stats.remote())
             tokens = ray.get(router.generate.remote(PROMPTS, NEW_TOKENS))

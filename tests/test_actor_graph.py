@@ -16,6 +16,7 @@ from actors.placement import Placement
 from actors.transports.base import TransportSettings
 from actors.transports.objectstore import ObjectStoreTransport
 from actors.transports.remote_experts import RemoteExperts
+from actors.transports.unix_socket import SocketTransport
 from cluster.graph import ActorGraph
 from cluster.spec import ClusterSpec
 from model import DeepseekV2ForCausalLM
@@ -143,7 +144,7 @@ def assert_gradients_equal_one_process(graph: ActorGraph, folder, shape: tuple[i
 
 
 def messages_sent(graph: ActorGraph, step) -> dict[str, int]:
-    """How the object store carried the expert messages of `step()`: shared_memory / inline counts."""
+    """How the expert messages of `step()` went: counts per route (objectstore.MESSAGE_ROUTES)."""
     before = ray.get(graph.routers[0].describe.remote())["messages"]
     step()
     after = ray.get(graph.routers[0].describe.remote())["messages"]
@@ -151,10 +152,17 @@ def messages_sent(graph: ActorGraph, step) -> dict[str, int]:
 
 
 # 2 x 12 tokens: a few KB per actor, inline; 8 x 64: ~64 KB and more, through shared memory
-@pytest.mark.parametrize("shape, route", [((2, 12), "inline"), ((8, 64), "shared_memory")])
-def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints, shape, route):
+@pytest.mark.parametrize("shape, tensors", [((2, 12), "inline"), ((8, 64), "shared_memory")])
+@pytest.mark.parametrize("transport", ["socket", "objectstore"])
+def test_gradients_through_the_actor_graph_equal_one_process(graph_b2, tiny_checkpoints, transport, shape, tensors):
+    router = graph_b2.routers[0]
+    ray.get(router.set_transport.remote(transport))
+    route = f"socket_{tensors}" if transport == "socket" else tensors
     before = ray.get([actor.ready.remote() for actor in graph_b2.experts])
-    sent = messages_sent(graph_b2, lambda: assert_gradients_equal_one_process(graph_b2, tiny_checkpoints["B"], shape))
+    try:
+        sent = messages_sent(graph_b2, lambda: assert_gradients_equal_one_process(graph_b2, tiny_checkpoints["B"], shape))
+    finally:
+        ray.get(router.set_transport.remote("socket"))
     after = ray.get([actor.ready.remote() for actor in graph_b2.experts])
     assert sent[route] > 0 and sum(sent.values()) == sent[route], sent
     # each actor times every message it answers (the part of a round trip that is not Ray's transport)
@@ -191,9 +199,43 @@ def test_a_router_on_two_threads_lends_one_while_its_expert_actors_work(graph_b2
         ray.get([actor.zero_grad.remote() for actor in graph_b2.experts])
 
 
+def test_the_socket_transport_answers_as_the_object_store_and_keeps_its_replies_in_order(graph_b2):
+    """Driven from this process, as a router's step thread drives it: the same answers as ordinary
+    actor calls (tensors inline and through shared memory), an actor's error raised here with the next
+    message answered, and a reply a failed step left unread dropped rather than taken for the next."""
+    layer, hidden = CONFIG_B.moe_layers[0], CONFIG_B.hidden_size
+    per_actor = CONFIG_B.n_routed_experts // 2  # the contiguous placement: actor 0 holds the first half
+    objectstore = ObjectStoreTransport(graph_b2.experts, TransportSettings(), torch.device("cpu"))
+    sockets = SocketTransport(graph_b2.experts, TransportSettings(), torch.device("cpu"), fallback=objectstore)
+
+    def messages(rows: int, seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        counts = [[rows // per_actor] * per_actor + [0] * per_actor, [0] * per_actor + [rows // per_actor] * per_actor]
+        return {a: (torch.randn(rows, hidden, generator=generator), counts[a]) for a in (0, 1)}
+
+    def assert_same_answers(message: dict) -> None:
+        got, expected = sockets.send(layer, message, False).receive(), objectstore.send(layer, message, False).receive()
+        for actor in message:
+            torch.testing.assert_close(got[actor].outputs, expected[actor].outputs, rtol=0, atol=0)
+
+    try:
+        for rows, route in ((4, "socket_inline"), (256, "socket_shared_memory")):
+            before = objectstore.sent[route]
+            assert_same_answers(messages(rows, seed=rows))
+            assert objectstore.sent[route] == before + 2
+        with pytest.raises(KeyError):
+            sockets.send_backward({0: 10**6}, {0: torch.ones(4, hidden)}).receive()  # no such forward
+        assert_same_answers(messages(4, seed=1))
+        sockets.send(layer, messages(256, seed=2), False)  # a failed step's: its replies are never read
+        assert_same_answers(messages(256, seed=3))
+        assert (sockets.failures, sockets.healthy) == (0, True)
+    finally:
+        sockets.teardown()
+
+
 def test_a_restarted_expert_actor_gets_its_messages_inline_once_then_through_a_new_file(ray_cluster, tiny_checkpoints):
     folder = tiny_checkpoints["B"]
-    graph = make_graph(folder, "shm-restart", 2)
+    graph = make_graph(folder, "shm-restart", 2, transport="objectstore")
     try:
         assert messages_sent(graph, lambda: assert_gradients_equal_one_process(graph, folder, (8, 64)))["inline"] == 0
         ray.kill(graph.experts[1], no_restart=False)
@@ -242,24 +284,33 @@ def test_rebalancing_with_replicas_keeps_tokens_and_lowers_imbalance(graph_b2, t
     assert after["imbalance"] < before["imbalance"]
 
 
-def test_compiled_graph_falls_back_when_an_expert_dies_and_recompiles(ray_cluster, tiny_checkpoints):
+@pytest.mark.parametrize("transport", ["compiled", "socket"])
+def test_a_transport_falls_back_when_an_expert_dies_and_takes_it_up_again(ray_cluster, tiny_checkpoints, transport):
+    """The compiled graph dies with the actor and is compiled again; the actor's socket breaks and the
+    restarted actor's new one is opened."""
     folder = tiny_checkpoints["B"]
     expected = reference_tokens(folder)
-    graph = make_graph(folder, "failover", 2, transport="compiled")
+    graph = make_graph(folder, f"failover-{transport}", 2, transport=transport)
     router = graph.routers[0]
     try:
         assert generate(graph) == expected
-        ray.kill(graph.experts[1], no_restart=False)  # Ray restarts it; the compiled graph dies with it
+        ray.kill(graph.experts[1], no_restart=False)  # Ray restarts it
         assert generate(graph) == expected  # served through the object store meanwhile
         description = ray.get(router.describe.remote())
         assert description["transport_failures"] >= 1
         deadline = time.monotonic() + 120
         while not description["transport_healthy"]:
-            assert time.monotonic() < deadline, "the compiled graph was never rebuilt"
+            assert time.monotonic() < deadline, f"the {transport} transport never reached the restarted actor again"
             assert generate(graph) == expected
             description = ray.get(router.describe.remote())
-        assert generate(graph) == expected
-        assert ray.get(router.load_stats.remote())["transport"] == "compiled"
+
+        def same_tokens() -> None:
+            assert generate(graph) == expected
+
+        sent = messages_sent(graph, same_tokens)
+        if transport == "socket":  # nothing goes through the object store any more
+            assert sent["inline"] == sent["shared_memory"] == 0 and sent["socket_inline"] > 0, sent
+        assert ray.get(router.load_stats.remote())["transport"] == transport
         assert_pinned_apart(held_cores(graph), [1, 1, 1])  # the restarted actor's new process too
     finally:
         ray.get(router.set_transport.remote("objectstore"))

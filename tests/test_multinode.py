@@ -28,7 +28,7 @@ def report(tmp_path_factory) -> dict:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("transport", ["objectstore", "compiled"])
+@pytest.mark.parametrize("transport", ["objectstore", "socket", "compiled"])
 def test_tokens_equal_one_process_across_three_nodes(report, transport):
     spread = report["spread"]
     assert spread["actor_nodes_distinct"] == 3  # STRICT_SPREAD: router and 2 expert actors on 3 nodes

@@ -18,6 +18,12 @@ from ..wire import Wire, from_wire, to_wire
 from .base import ExpertReply, ExpertTransport, InFlight, Messages
 
 
+# A message's tensor goes inline or through shared memory, carried by a Ray call or by a Unix socket
+# (the socket transport counts its messages in its fallback's `sent`, under socket_*).
+MESSAGE_ROUTES = ("shared_memory", "inline", "socket_shared_memory", "socket_inline")
+Calls = dict[int, tuple[str, tuple[tuple, tuple], Tensor]]  # actor -> (method, arguments around the tensor, tensor)
+
+
 @dataclass
 class _Call:
     method: str
@@ -64,7 +70,7 @@ class ObjectStoreTransport(ExpertTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._links: list[SharedLink] | None = None
-        self.sent: Counter[str] = Counter()  # messages by the way they went: shared_memory, inline
+        self.sent: Counter[str] = Counter()  # messages by the way they went (MESSAGE_ROUTES)
 
     def wait(self, refs: list[ray.ObjectRef]) -> list:
         """Block the router's step thread (never its event loop) until every reply is in."""
@@ -88,21 +94,30 @@ class ObjectStoreTransport(ExpertTransport):
             return self.link(actor).answer(message).to(self.device)
         return from_wire(message, self.device)
 
-    def _send(self, calls: dict[int, tuple[str, tuple[tuple, tuple], Tensor]]) -> _Calls:
+    def send_calls(self, calls: Calls) -> InFlight:
+        """Call each actor's data-path method with its tensor (through shared memory when it can)."""
         started = {}
         for actor, (method, around, tensor) in calls.items():
             link = self.link(actor)
             shared = link.send(tensor)
             ref = self.call(actor, method, around, to_wire(tensor) if shared is None else shared)
             if shared is not None:
-                link.carried_by(ref)
+                link.carried_by(lambda ref=ref: bool(ray.wait([ref], timeout=0)[0]))
             self.sent["inline" if shared is None else "shared_memory"] += 1
             started[actor] = _Call(method, around, tensor, shared is not None, ref)
         return _Calls(self, started)
 
-    def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
+    @staticmethod
+    def forward_calls(layer: int, messages: Messages, keep_for_backward: bool) -> Calls:
         method = "forward_train" if keep_for_backward else "forward"
-        return self._send({actor: (method, ((layer,), (counts,)), tokens) for actor, (tokens, counts) in messages.items()})
+        return {actor: (method, ((layer,), (counts,)), tokens) for actor, (tokens, counts) in messages.items()}
+
+    @staticmethod
+    def backward_calls(handles: dict[int, int], grads: dict[int, Tensor]) -> Calls:
+        return {actor: ("backward", ((handle,), ()), grads[actor]) for actor, handle in handles.items()}
+
+    def send(self, layer: int, messages: Messages, keep_for_backward: bool) -> InFlight:
+        return self.send_calls(self.forward_calls(layer, messages, keep_for_backward))
 
     def send_backward(self, handles: dict[int, int], grads: dict[int, Tensor]) -> InFlight:
-        return self._send({actor: ("backward", ((handle,), ()), grads[actor]) for actor, handle in handles.items()})
+        return self.send_calls(self.backward_calls(handles, grads))
