@@ -192,26 +192,40 @@ def is_train(records: list[dict]) -> bool:
 
 
 def add_train(report: Report, records: list[dict]) -> None:
-    graph = next(r for r in records if r.get("mode") == "actor_graph")
-    best = max((r for r in records if r.get("mode") == "one_process"), key=lambda r: r["tokens_per_s"])
+    graphs = [r for r in records if r.get("mode") == "actor_graph"]
     result = next(r for r in records if "ratio_graph_vs_one_process" in r)
+    if "ratio_vs_one_process" in graphs[0]:  # a phase per router thread count, each with its one-process runs
+        graph = max(graphs, key=lambda r: r["ratio_vs_one_process"])
+        one_process_step_s = graph["one_process_step_s"]
+    else:  # older outputs: one graph beside the one-process runs
+        graph = graphs[0]
+        one_process_step_s = max((r for r in records if r.get("mode") == "one_process"), key=lambda r: r["tokens_per_s"])["step_s"]
     report.cores.add(result["cores"])
     report.load(result.get("load_average"))
     routers = f"{graph['routers']} router{'s' if graph['routers'] != 1 else ''}"
     goal = AT_LEAST_0_7 if (graph["routers"], graph["expert_actors"]) == (1, 2) else None
     phases = graph.get("phase_ms", {})
-    beside = {"graph step": 1e3 * graph["step_s"], "one process": 1e3 * best["step_s"],
-              "the graph's waiting for its experts": phases.get("expert_wait"),
-              "the busiest expert actor's own time": phases.get("expert_busy")}  # fmt: skip
+    beside = {"graph step": ("ms", 1e3 * graph["step_s"]), "one process": ("ms", 1e3 * one_process_step_s),
+              "the graph's waiting for its experts": ("ms", phases.get("expert_wait")),
+              "the busiest expert actor's own time": ("ms", phases.get("expert_busy"))}  # fmt: skip
+    if len(graphs) > 1:  # the bench's own choice of router threads: each phase's ratio beside the best
+        beside |= {f"the router on {threads(r)}": ("×", r["ratio_vs_one_process"]) for r in graphs}
     # Runs for comparison get figures of their own, with the command that repeats them. Outputs from before
-    # the socket transport (no "transport") ran on the object store.
+    # the socket transport (no "transport") ran on the object store, and with the router's threads as set.
     settings = [(TRAIN_OBJECTSTORE, ", object store")] if graph.get("transport", "objectstore") == "objectstore" else []
     settings += [(TRAIN_UNPINNED, ", cores not pinned")] if graph.get("pin_cores") is False else []
+    if len(graphs) == 1 and graph.get("router_cpu_threads") not in (None, 1):
+        settings.append((f"{TRAIN} --set router_cpu_threads={graph['router_cpu_threads']}", f", the router on {threads(graph)}"))
     command = TRAIN + "".join(setting.removeprefix(TRAIN) for setting, _ in settings)
     label = "".join(text for _, text in settings)
     report.add(f"training tokens/s, {routers} + {expert_actors(graph['expert_actors'])}{label} ÷ the best one-process run",
                command, "×", result["ratio_graph_vs_one_process"], goal,
-               {name: ("ms", value) for name, value in beside.items() if value is not None})  # fmt: skip
+               {name: value for name, value in beside.items() if value[1] is not None})  # fmt: skip
+
+
+def threads(graph: dict) -> str:
+    count = graph.get("router_cpu_threads") or 1
+    return f"{count} thread{'s' if count != 1 else ''}"
 
 
 def is_sft(records: list[dict]) -> bool:

@@ -40,12 +40,13 @@ def dispatch_output(path: Path, objectstore_us: float, compiled_us: float, load:
     ])  # fmt: skip
 
 
-def train_output(path: Path, routers: int, graph_step_s: float, pin_cores: bool = True, transport: str | None = "socket") -> Path:
+def train_output(path: Path, routers: int, graph_step_s: float, pin_cores: bool = True, transport: str | None = "socket",
+                 router_threads: int | None = None) -> Path:
     one_process = [{"mode": "one_process", "torch_threads": t, "tokens_per_s": 1280 / s, "step_s": s}
                    for t, s in ((1, 0.130), (2, 0.100))]  # fmt: skip
     graph = {"mode": "actor_graph", "routers": routers, "expert_actors": 2, "tokens_per_s": 1280 / graph_step_s,
              "step_s": graph_step_s, "phase_ms": {"expert_wait": 40.0, "expert_busy": 25.0}, "pin_cores": pin_cores,
-             **({"transport": transport} if transport else {})}  # fmt: skip
+             "router_cpu_threads": router_threads, **({"transport": transport} if transport else {})}  # fmt: skip
     ratio = {"ratio_graph_vs_one_process": round(0.100 / graph_step_s, 3), "cores": 2, "load_average": [1.5, 1.0, 1.0]}
     return write_lines(path, [*one_process, graph, ratio])
 
@@ -99,6 +100,7 @@ def test_runs_without_pinned_cores_or_on_the_object_store_get_figures_of_their_o
         train_output(tmp_path / "t2.jsonl", routers=1, graph_step_s=0.200, pin_cores=False),
         train_output(tmp_path / "t3.jsonl", routers=1, graph_step_s=0.160, transport="objectstore"),
         train_output(tmp_path / "t4.jsonl", routers=1, graph_step_s=0.250, pin_cores=False, transport=None),
+        train_output(tmp_path / "t5.jsonl", routers=1, graph_step_s=0.125, router_threads=2),
     ])  # fmt: skip
     figures = report.figures
     assert figures["MoE layer, batch 1, above one process: compiled graph, 1 expert actor"].values == [0.7]
@@ -114,6 +116,8 @@ def test_runs_without_pinned_cores_or_on_the_object_store_get_figures_of_their_o
     older = figures["training tokens/s, 1 router + 2 expert actors, object store, cores not pinned ÷ the best one-process run"]
     assert older.values == [0.4]  # an output from before the socket transport, which has no "transport"
     assert older.command == "python -m bench.train --set transport=objectstore --set pin_cores=false"
+    two_threads = figures["training tokens/s, 1 router + 2 expert actors, the router on 2 threads ÷ the best one-process run"]
+    assert two_threads.values == [0.8] and two_threads.command == "python -m bench.train --set router_cpu_threads=2"
     table = report.markdown()
     assert table.index("compiled graph, 1 expert actor") < table.index("compiled graph, cores not pinned, 1 expert")
     assert table.index("cores not pinned, 1 expert") < table.index("training tokens/s, 1 router + 2 expert actors ÷")
@@ -154,3 +158,21 @@ def test_a_file_no_bench_wrote_or_one_cut_short_is_named_in_the_error(tmp_path):
     cut = write_lines(tmp_path / "cut.jsonl", [{"kind": "context", "cores": 2}, {"kind": "layer", "batch": 1}])
     with pytest.raises(NotABenchOutput, match="cut.jsonl is an incomplete bench.dispatch output"):
         build([cut])
+
+
+def test_a_train_run_over_both_router_thread_counts_is_its_best_phase_with_each_beside_it(tmp_path):
+    def phase(router_threads: int, one_process_s: float, graph_s: float) -> list[dict]:
+        one_process = {"mode": "one_process", "torch_threads": 2, "tokens_per_s": 1280 / one_process_s, "step_s": one_process_s}
+        return [one_process, {"mode": "actor_graph", "routers": 1, "expert_actors": 2, "router_cpu_threads": router_threads,
+                              "tokens_per_s": 1280 / graph_s, "step_s": graph_s, "pin_cores": True, "transport": "socket",
+                              "ratio_vs_one_process": round(one_process_s / graph_s, 3), "one_process_step_s": one_process_s}]  # fmt: skip
+
+    result = {"ratio_graph_vs_one_process": 0.8, "graph_router_cpu_threads": 2, "cores": 2}
+    records = [*phase(1, 0.100, 0.160), *phase(2, 0.100, 0.125), result]
+    figure = build([write_lines(tmp_path / "t.jsonl", records)]).figures[
+        "training tokens/s, 1 router + 2 expert actors ÷ the best one-process run"
+    ]
+    assert figure.values == [0.8] and figure.command == "python -m bench.train" and figure.status() == "met"
+    assert figure.context["graph step"] == ("ms", [125.0])  # the best graph run's
+    assert figure.context["the router on 1 thread"] == ("×", [0.625])
+    assert figure.context["the router on 2 threads"] == ("×", [0.8])
