@@ -54,7 +54,6 @@ def _one_at_a_time(cls: type) -> type:
 
 
 @_one_at_a_time
-
 class ExpertActor:
     def __init__(
         self, model_dir: str, index: int, experts: dict[int, list[int]], torch_threads: int = 1,
