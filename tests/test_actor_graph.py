@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
 
 import pytest
 import ray
@@ -202,7 +204,8 @@ def test_a_router_on_two_threads_lends_one_while_its_expert_actors_work(graph_b2
 def test_the_socket_transport_answers_as_the_object_store_and_keeps_its_replies_in_order(graph_b2):
     """Driven from this process, as a router's step thread drives it: the same answers as ordinary
     actor calls (tensors inline and through shared memory), an actor's error raised here with the next
-    message answered, and a reply a failed step left unread dropped rather than taken for the next."""
+    message answered, a reply a failed step left unread dropped rather than taken for the next, and a
+    client without the actor's key refused."""
     layer, hidden = CONFIG_B.moe_layers[0], CONFIG_B.hidden_size
     per_actor = CONFIG_B.n_routed_experts // 2  # the contiguous placement: actor 0 holds the first half
     objectstore = ObjectStoreTransport(graph_b2.experts, TransportSettings(), torch.device("cpu"))
@@ -228,6 +231,10 @@ def test_the_socket_transport_answers_as_the_object_store_and_keeps_its_replies_
         assert_same_answers(messages(4, seed=1))
         sockets.send(layer, messages(256, seed=2), False)  # a failed step's: its replies are never read
         assert_same_answers(messages(256, seed=3))
+        address = ray.get(graph_b2.experts[0].open_socket.remote())
+        with pytest.raises(AuthenticationError):
+            Client(address.address, family="AF_UNIX", authkey=b"not the actor's key")
+        assert_same_answers(messages(4, seed=4))  # the actor still listens and answers
         assert (sockets.failures, sockets.healthy) == (0, True)
     finally:
         sockets.teardown()

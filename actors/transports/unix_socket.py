@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, NamedTuple
@@ -70,9 +71,12 @@ class SocketServer:
         while True:
             try:
                 connection = listener.accept()
-            except Exception as error:  # a client that failed the key's challenge, or went away during it
+            except (AuthenticationError, EOFError, ConnectionError) as error:  # a wrong key, or gone during the challenge
                 logger.warning("expert socket: a connection was refused (%s)", error)
                 continue
+            except OSError as error:  # the listener itself failed: routers reach this actor through the object store
+                logger.error("expert socket: no longer listening (%s)", error)
+                return
             threading.Thread(target=self._serve, args=(connection,), daemon=True, name="expert-socket-router").start()
 
     def _serve(self, connection: Connection) -> None:
@@ -175,7 +179,12 @@ class SocketTransport(ExpertTransport):
         addresses = ray.get([self.actors[a].open_socket.remote() for a in actors], timeout=self.settings.timeout_s)
         for actor, address in zip(actors, addresses):
             if address.node_id == self.node_id:
-                self.connections[actor] = _Connection(address)
+                try:
+                    self.connections[actor] = _Connection(address)
+                except OSError as error:  # its listener failed: tried again later, the object store meanwhile
+                    logger.warning("expert actor %d: its socket refused the router (%s)", actor, error)
+                    self.broken.add(actor)
+                    continue
             self.broken.discard(actor)
 
     def lost(self, actor: int, error: BaseException) -> None:
