@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
 Messages = dict[int, tuple[Tensor, list[int]]]  # actor -> (tokens, counts over all routed experts)
+RETRY_INTERVAL_S = 2.0  # a transport that lost an actor tries to reach its new process at most this often
 
 
 class ExpertReply(NamedTuple):

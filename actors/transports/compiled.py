@@ -17,11 +17,10 @@ import torch
 
 from ..devices import on_distinct_gpus, where_this_computes
 from ..wire import from_wire, to_wire
-from .base import ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
+from .base import RETRY_INTERVAL_S, ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
 
 logger = logging.getLogger(__name__)
 
-RETRY_INTERVAL_S = 2.0
 
 
 def tear_down_quietly(graph) -> None:

@@ -1,13 +1,13 @@
 """Messages to the expert actors of the router's node over Unix sockets, tensors through shared memory.
 
-During a training step on a 2-core machine, an ordinary actor call took 0.3-0.45 ms of the router's
-CPU, about 1 ms of the actor's besides its method, and 2-3 ms from `.remote()` to the method's start;
-a Unix-socket round trip took 30-110 µs, and its reader blocks in the kernel instead of spinning a core
-(the compiled graph's readers spin while it stands). Each expert actor
-listens on an abstract-namespace socket (Linux; a file in the temp directory elsewhere) that only a
-holder of its random key can use; its server threads run the very methods Ray would call, one message
-at a time with the actor's Ray methods (`SocketServer.lock`). The tensors travel through the same
-shared-memory files as the object store's (`actors/shared_memory.py`).
+During a training step on a 2-core machine (timed inside the processes, a one-off measurement), an
+ordinary actor call took 0.3-0.45 ms of the router's CPU, about 1 ms of the actor's besides its method,
+and 2-3 ms from `.remote()` to the method's start; a Unix-socket round trip took 30-110 µs, and its
+reader blocks in the kernel instead of spinning a core (the compiled graph's readers spin while it
+stands). Each expert actor listens on an abstract-namespace socket (Linux; a file in the temp directory
+elsewhere) that only a holder of its random key can use; its server threads run the very methods Ray
+would call, one message at a time with the actor's Ray methods (`SocketServer.lock`). The tensors
+travel through the same shared-memory files as the object store's (`actors/shared_memory.py`).
 
 It carries the forward and the backward. Actors of other nodes, and any actor whose connection has
 broken, go through the object store (its fallback); a broken connection is opened again, at most
@@ -33,12 +33,11 @@ import torch
 from torch import Tensor
 
 from ..wire import to_wire
-from .base import ExpertReply, ExpertTransport, InFlight, Messages
+from .base import RETRY_INTERVAL_S, ExpertReply, ExpertTransport, InFlight, Messages, TransportSettings
 from .objectstore import ObjectStoreTransport
 
 logger = logging.getLogger(__name__)
 
-RETRY_INTERVAL_S = 2.0
 
 
 class SocketAddress(NamedTuple):
@@ -164,7 +163,9 @@ class _Requests(InFlight):
 class SocketTransport(ExpertTransport):
     name = "socket"
 
-    def __init__(self, actors: list, settings, device: torch.device, fallback: ExpertTransport | None = None):
+    def __init__(
+        self, actors: list, settings: TransportSettings, device: torch.device, fallback: ExpertTransport | None = None
+    ):
         if not isinstance(fallback, ObjectStoreTransport):
             raise ValueError("the socket transport needs the object store as its fallback")
         super().__init__(actors, settings, device, fallback)
